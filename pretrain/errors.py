@@ -1,0 +1,8 @@
+"""The one exception type that means "the user gave us something wrong" (exit status 2, no traceback)."""
+
+
+class UserError(Exception):
+    """A problem the user can fix: bad config key or value, no shards matched, unreadable checkpoint.
+
+    The message is one line saying what was wrong, which value, and what to do.
+    """
