@@ -6,3 +6,9 @@ class UserError(Exception):
 
     The message is one line saying what was wrong, which value, and what to do.
     """
+
+
+EXIT_USER_ERROR = 2
+"""Bad config, no shards matched, unreadable checkpoint: one line on stderr, no traceback."""
+EXIT_REQUEUE = 75
+"""The trainer checkpointed on SIGTERM/SIGUSR1 and stopped early: launch scripts requeue the job (EX_TEMPFAIL)."""

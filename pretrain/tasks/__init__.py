@@ -1,0 +1,31 @@
+"""Objectives: one Task module per `task.kind`, all trained by the same engine.
+
+A Task is the `torch.nn.Module` that DeepSpeed wraps. Contract (the engine, export and eval rely on it):
+- `task.encoder` is a timm `VisionTransformer` (with its head for classification tasks; `num_classes=0`
+  for MAE), so the engine's module state dict holds the encoder under the `encoder.` prefix and
+  export strips that prefix to get timm's own key names.
+- `forward(images, targets, step) -> (loss, metrics)`: images are normalised floats (B, C, H, W) on the
+  device; targets are class indices (B,) or soft targets (B, K) under Mixup/CutMix, or None for MAE;
+  `step` seeds anything random (MAE masks) together with the run seed and rank; metrics is a dict of
+  0-dim tensors (no host sync: the engine reads them only at log steps).
+- `param_groups(cfg) -> list[dict]`: parameter groups for the optimizer (weight decay off for biases,
+  norms, position embeddings and tokens; layer-wise lr decay where the task asks for it). Each group
+  may carry `lr_scale`, which the engine's schedule multiplies in.
+- `predict(images) -> logits` for classification tasks (eval, metrics); absent for MAE.
+"""
+from __future__ import annotations
+
+import importlib
+
+TASKS = {
+    "supervised": "pretrain.tasks.supervised:SupervisedTask",
+    "mae": "pretrain.tasks.mae:MaeTask",
+    "finetune": "pretrain.tasks.finetune:FinetuneTask",
+    "linprobe": "pretrain.tasks.linprobe:LinprobeTask",
+}
+
+
+def build_task(cfg, num_classes: int):
+    """The Task module for `cfg.task.kind`, its encoder built from `cfg.model` with `num_classes` outputs."""
+    module, cls = TASKS[cfg.task.kind].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, num_classes)
