@@ -1,0 +1,353 @@
+"""`vit-pretrain export RUN_DIR`: a DeepSpeed checkpoint (any ZeRO stage, any world size) -> one
+safetensors file with timm's key names + a JSON naming the timm architecture and its arguments.
+
+After writing, the file is read back into a fresh `timm.create_model(name, pretrained=False, **kwargs)`
+with `strict=True`, and its logits (features for MAE) on a fixed input must match the trained model's;
+a mismatch is an error. `--format hf` also writes a Hugging Face transformers directory.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+import fsspec
+import torch
+
+from pretrain.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Arguments of timm's VisionTransformer that define the inference architecture (drop path is a
+# training-time option, our `pos_embed`/`grad_checkpointing` are not timm's).
+ARCH_KEYS = ("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth",
+             "num_heads", "mlp_ratio", "qkv_bias")
+# timm's generic name for non-timm sizes: every architecture number is passed explicitly, so the
+# name only picks timm's ViT factory (and its default pretrained config).
+GENERIC_TIMM_NAME = "vit_base_patch16_224"
+
+
+class ExportMismatch(RuntimeError):
+    """The exported file does not reproduce the trained model's outputs (a bug, not a user error)."""
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def _fs(url: str):
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def read_json(url: str) -> dict:
+    with fsspec.open(url, "r") as f:
+        return json.load(f)
+
+
+def resolve_tag(run_dir: str, tag: str | None = None) -> str:
+    """The checkpoint tag to export: `tag`, or the one named by `checkpoints/latest`."""
+    fs, root = _fs(run_dir)
+    ck = f"{root.rstrip('/')}/checkpoints"
+    if tag:
+        if not fs.isdir(f"{ck}/{tag}"):
+            have = sorted(os.path.basename(p) for p in fs.ls(ck) if fs.isdir(p)) if fs.isdir(ck) else []
+            raise UserError(f"no checkpoint {tag!r} in {run_dir}/checkpoints; have: {', '.join(have) or 'none'}")
+        return tag
+    if not fs.isfile(f"{ck}/latest"):
+        raise UserError(f"{run_dir} has no checkpoints/latest: not a finished or checkpointed run directory "
+                        "(pass the run directory `<run.out_dir>/<run.name>`, or --tag)")
+    with fs.open(f"{ck}/latest", "r") as f:
+        return f.read().strip()
+
+
+@contextlib.contextmanager
+def _local_dir(url: str):
+    """A local path for `url` (a folder): itself when local, else a temporary copy (zero_to_fp32 reads
+    with os.path, so remote checkpoints are fetched first)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = _fs(url)
+    if isinstance(fs, LocalFileSystem):
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        yield tmp
+
+
+def consolidate(run_dir: str, tag: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The full fp32 module state dict of a run's checkpoint (any ZeRO stage, any world size), and its tag."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = resolve_tag(run_dir, tag)
+    with _local_dir(f"{run_dir.rstrip('/')}/checkpoints/{tag}") as ck:
+        has_zero = any(name.endswith("_optim_states.pt") and name.startswith(("zero_", "bf16_zero_"))
+                       for name in os.listdir(ck))
+        try:
+            if has_zero:
+                # zero_to_fp32 prints progress on stdout: keep the command's output to our own lines
+                with contextlib.redirect_stdout(io.StringIO()):
+                    sd = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ck), tag=os.path.basename(ck))
+            else:
+                # ZeRO stage 0: the whole module is in the model-states file. DeepSpeed pickles its own
+                # metadata there, so weights_only=True cannot read it; this is our own run's file.
+                blob = torch.load(os.path.join(ck, "mp_rank_00_model_states.pt"), map_location="cpu",
+                                  weights_only=False)
+                sd = {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise UserError(f"unreadable checkpoint {run_dir}/checkpoints/{tag}: {str(e).splitlines()[0]}") from None
+    return {k: v.contiguous() for k, v in sd.items()}, tag
+
+
+def encoder_state(module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm key names: the `encoder.` part of a Task's state dict with the prefix stripped.
+
+    A linear probe's BatchNorm (no affine) in front of the head is folded into the head, so the
+    result is a plain timm ViT.
+    """
+    enc = {k[len("encoder."):]: v for k, v in module_state.items() if k.startswith("encoder.")}
+    if not enc:
+        some = ", ".join(list(module_state)[:5])
+        raise UserError(f"checkpoint holds no `encoder.` weights (keys start: {some}): not a vit-pretrain run")
+    if "head_bn.running_mean" in module_state and "head.weight" in enc:
+        mean, var = module_state["head_bn.running_mean"].float(), module_state["head_bn.running_var"].float()
+        eps = float(module_state.get("head_bn.eps", torch.tensor(1e-6)))
+        inv = torch.rsqrt(var + eps)  # (D,)
+        w, b = enc["head.weight"].float(), enc["head.bias"].float()
+        enc["head.weight"] = w * inv[None, :]
+        enc["head.bias"] = b - (w * (mean * inv)[None, :]).sum(1)
+    return enc
+
+
+def run_meta(run_dir: str) -> dict[str, Any]:
+    """model.json of a run directory, normalised to {"task", "name", "kwargs", "num_classes"}."""
+    url = f"{run_dir.rstrip('/')}/model.json"
+    try:
+        meta = read_json(url)
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} has no model.json: not a vit-pretrain run directory") from None
+    spec = dict(meta["create_model"])
+    if "kwargs" in spec:
+        name, kwargs = spec["name"], dict(spec["kwargs"])
+    else:
+        name = spec.pop("name")
+        kwargs = spec
+    return {"task": meta.get("task", ""), "name": name, "kwargs": kwargs,
+            "num_classes": meta.get("num_classes", kwargs.get("num_classes", 0))}
+
+
+def timm_spec(name: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(timm model name, keyword arguments) that rebuild the architecture in plain timm."""
+    from pretrain.models import ARCHS, TIMM_NAMES
+
+    full = dict(ARCHS.get(name, {}), num_classes=1000, global_pool="token", qkv_bias=True)
+    full.update({k: v for k, v in kwargs.items() if v is not None})
+    out = {k: full[k] for k in ARCH_KEYS if k in full}
+    return (name if name in TIMM_NAMES else GENERIC_TIMM_NAME), out
+
+
+# ----------------------------------------------------------------------------- exported files
+
+
+def meta_path(weights: str) -> str:
+    return (weights[: -len(".safetensors")] if weights.endswith(".safetensors") else weights) + ".json"
+
+
+def save_exported(state: dict[str, torch.Tensor], meta: dict[str, Any], out: str) -> None:
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                metadata={"format": "pt", "timm_name": meta["timm_name"]})
+    with fsspec.open(out, "wb") as f:
+        f.write(blob)
+    with fsspec.open(meta_path(out), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def load_exported(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(timm-keyed state dict, meta) of an exported `.safetensors` file and its JSON."""
+    from safetensors.torch import load
+
+    try:
+        with fsspec.open(weights, "rb") as f:
+            state = load(f.read())
+    except FileNotFoundError:
+        raise UserError(f"weights file not found: {weights!r}") from None
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise UserError(f"{weights}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    try:
+        meta = read_json(meta_path(weights))
+    except FileNotFoundError:
+        raise UserError(f"{meta_path(weights)} not found: export writes it next to the weights; "
+                        "keep the two together") from None
+    return state, meta
+
+
+def build_timm(meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None):
+    """A fresh plain-timm model from an export's meta, loaded with `strict=True` when `state` is given."""
+    import timm
+
+    model = timm.create_model(meta["timm_name"], pretrained=False, **meta["timm_kwargs"])
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_source(source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Timm-keyed weights + meta from an exported `.safetensors` file or a run directory (exported in memory)."""
+    fs, path = _fs(source)
+    if fs.isdir(path):
+        return export_state(source)
+    return load_exported(source)
+
+
+def export_state(run_dir: str, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A run's encoder weights with timm keys and the meta that goes next to them."""
+    module_state, tag = consolidate(run_dir, tag)
+    rm = run_meta(run_dir)
+    state = encoder_state(module_state)
+    timm_name, kwargs = timm_spec(rm["name"], rm["kwargs"])
+    if "head.weight" not in state:
+        kwargs["num_classes"] = 0
+    meta: dict[str, Any] = {
+        "format": "vit-pretrain-export/1",
+        "timm_name": timm_name,
+        "timm_kwargs": kwargs,
+        "arch": rm["name"],
+        "img_size": kwargs.get("img_size"),
+        "patch_size": kwargs.get("patch_size"),
+        "global_pool": kwargs.get("global_pool"),
+        "num_classes": kwargs.get("num_classes", 0),
+        "class_names": [],
+        "task": rm["task"],
+        "tag": tag,
+        "mean": None,
+        "std": None,
+    }
+    cfg = _run_config(run_dir)
+    if cfg is not None:
+        meta["mean"], meta["std"] = list(cfg.data.mean), list(cfg.data.std)
+        meta["class_names"] = _class_names(cfg)
+    return state, meta
+
+
+def _run_config(run_dir: str):
+    from pretrain.config import load_config
+
+    url = f"{run_dir.rstrip('/')}/config.yaml"
+    fs, path = _fs(url)
+    if not fs.isfile(path):
+        return None
+    return load_config(url)
+
+
+def _class_names(cfg) -> list[str]:
+    if not cfg.data.train_urls:
+        return []
+    try:
+        from pretrain.data import read_index
+
+        return list(read_index(cfg.data.train_urls).classes)
+    except Exception:  # the shards may live elsewhere now; names are a convenience, not required
+        return []
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+def fixed_input(meta: dict[str, Any], batch: int = 4) -> torch.Tensor:
+    """A fixed normalised-looking input (B, C, H, W), the same on every machine."""
+    g = torch.Generator().manual_seed(1234)
+    k = meta["timm_kwargs"]
+    side = k["img_size"]
+    return torch.randn(batch, k.get("in_chans", 3), side, side, generator=g)
+
+
+def reference_model(run_dir: str, state: dict[str, torch.Tensor], num_classes: int):
+    """The trained model as the trainer built it (pretrain.models.create_model from model.json), loaded
+    with the checkpoint's encoder weights."""
+    from pretrain.models import create_model
+
+    rm = run_meta(run_dir)
+    kwargs = dict(rm["kwargs"], num_classes=num_classes)
+    model = create_model(rm["name"], **kwargs)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def check_outputs(reference: torch.nn.Module, exported: torch.nn.Module, x: torch.Tensor, atol: float = 1e-5) -> float:
+    """Max |difference| of the two models' outputs on `x`; raises ExportMismatch above `atol`."""
+    a, b = reference(x).float(), exported(x).float()
+    if a.shape != b.shape:
+        raise ExportMismatch(f"exported model output shape {tuple(b.shape)} != trained model's {tuple(a.shape)}")
+    diff = (a - b).abs().max().item()
+    scale = max(a.abs().max().item(), 1.0)
+    if not diff <= atol * scale:
+        raise ExportMismatch(f"exported model outputs differ from the trained model's by {diff:.3g} "
+                             f"(tolerance {atol * scale:.3g})")
+    return diff
+
+
+def export(run_dir: str, out: str | None = None, tag: str | None = None, fmt: str = "safetensors",
+           ema: bool = False) -> dict[str, Any]:
+    """Write `out` (+ .json), read it back into plain timm with strict=True and check its outputs."""
+    state, meta = export_state(run_dir, tag)
+    if ema:
+        module_state, _ = consolidate(run_dir, meta["tag"])
+        ema_state = {k[len("ema.module."):]: v for k, v in module_state.items() if k.startswith("ema.module.")}
+        if not ema_state:
+            raise UserError(f"{run_dir}: --ema given but the run kept no weight EMA (finetune.ema_decay=0)")
+        state = ema_state
+        meta["ema"] = True
+    out = out or f"{run_dir.rstrip('/')}/export/{os.path.basename(run_dir.rstrip('/'))}_{meta['tag']}.safetensors"
+    fs, path = _fs(out)
+    fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_exported(state, meta, out)
+
+    # read back exactly what a user would, and compare with the trained model
+    loaded_state, loaded_meta = load_exported(out)
+    try:
+        exported = build_timm(loaded_meta, loaded_state)
+    except RuntimeError as e:
+        raise ExportMismatch(f"exported file does not load into timm with strict=True: {str(e).splitlines()[0]}") from None
+    reference = reference_model(run_dir, state, loaded_meta["num_classes"])
+    diff = check_outputs(reference, exported, fixed_input(loaded_meta))
+    result = {"weights": out, "meta": meta_path(out), "timm_name": meta["timm_name"], "tag": meta["tag"],
+              "tensors": len(state), "max_abs_diff": diff}
+    if fmt == "hf":
+        from pretrain.engine import hf_export
+
+        hf_dir = (out[: -len(".safetensors")] if out.endswith(".safetensors") else out) + "_hf"
+        result["hf_dir"] = hf_export.write(state, meta, hf_dir, check_against=exported,
+                                           x=fixed_input(loaded_meta))
+    return result
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory (<run.out_dir>/<run.name>) holding checkpoints/")
+    parser.add_argument("--out", default=None,
+                        help="output .safetensors (default: RUN_DIR/export/<name>_<tag>.safetensors); "
+                             "the JSON goes next to it")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/latest)")
+    parser.add_argument("--format", dest="fmt", choices=("safetensors", "hf"), default="safetensors",
+                        help="hf: also write a Hugging Face transformers directory (needs `pip install transformers`)")
+    parser.add_argument("--ema", action="store_true", help="export the weight EMA instead of the raw weights")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = export(args.run_dir, args.out, args.tag, args.fmt, ema=args.ema)
+    except ExportMismatch as e:
+        print(f"vit-pretrain export: error: {e}", flush=True)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
