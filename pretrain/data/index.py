@@ -1,0 +1,148 @@
+"""Shard lists: resolve `data.train_urls` forms to shard URLs (+ sample counts and class names), open shards.
+
+Forms: a list, a brace pattern (`dir/train-{000000..000009}.tar`), a glob (`dir/*.tar`), several joined
+with `::`, or a `<split>.json` index written by `vit-pretrain shards`. Any fsspec URL (local, file://,
+s3://, gs://, http(s)://, memory://) or webdataset's `pipe:CMD`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import braceexpand
+import fsspec
+
+from pretrain.errors import UserError
+
+log = logging.getLogger(__name__)
+
+OPEN_TRIES = 4
+"""Attempts to open a shard before it is reported as unreachable."""
+OPEN_BACKOFF_S = 0.5
+"""First retry delay; doubled each attempt (0.5, 1, 2 s)."""
+
+
+@dataclass
+class ShardIndex:
+    shards: list[str]
+    counts: Optional[list[int]] = None
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> Optional[int]:
+        return sum(self.counts) if self.counts is not None else None
+
+
+def _is_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _dirname(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def _load_json_index(url: str) -> ShardIndex:
+    try:
+        with fsspec.open(url, "r") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"shard index not found: {url!r}; write one with `vit-pretrain shards`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"shard index {url!r} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+        raise UserError(f"shard index {url!r} has no 'shards' list; expected the format `vit-pretrain shards` writes")
+    base = _dirname(url)
+    shards = [s if ("://" in s or s.startswith("/") or s.startswith("pipe:")) else f"{base}/{s}"
+              for s in meta["shards"]]
+    counts = meta.get("counts")
+    if counts is not None and len(counts) != len(shards):
+        raise UserError(f"shard index {url!r}: {len(counts)} counts for {len(shards)} shards")
+    return ShardIndex(shards, [int(c) for c in counts] if counts is not None else None,
+                      [str(c) for c in meta.get("classes", [])])
+
+
+def _expand_one(pattern: str) -> list[str]:
+    if pattern.startswith("pipe:"):
+        return list(braceexpand.braceexpand(pattern))
+    out: list[str] = []
+    for url in braceexpand.braceexpand(pattern):
+        if _is_glob(url):
+            fs, path = fsspec.core.url_to_fs(url)
+            matches = sorted(fs.glob(path))
+            local = "file" in (fs.protocol if isinstance(fs.protocol, (list, tuple)) else [fs.protocol])
+            out += [m if local else fs.unstrip_protocol(m) for m in matches]
+        else:
+            out.append(url)
+    return out
+
+
+def _counts_from_sibling_indexes(shards: list[str]) -> tuple[Optional[list[int]], list[str]]:
+    """Counts for shards given by pattern: look them up in the `*.json` indexes of their folders."""
+    known: dict[str, int] = {}
+    classes: list[str] = []
+    for base in sorted({_dirname(s) for s in shards if not s.startswith("pipe:")}):
+        try:
+            fs, path = fsspec.core.url_to_fs(base)
+            candidates = [p for p in fs.glob(path.rstrip("/") + "/*.json") if not p.endswith("_info.json")]
+        except Exception:  # noqa: BLE001  an unlistable folder simply has no counts
+            continue
+        for p in candidates:
+            try:
+                with fs.open(p, "r") as f:
+                    meta = json.load(f)
+                for name, n in zip(meta.get("shards", []), meta.get("counts", [])):
+                    known[f"{base}/{name}" if "/" not in name else name] = int(n)
+                classes = classes or [str(c) for c in meta.get("classes", [])]
+            except Exception:  # noqa: BLE001  not one of our indexes
+                continue
+    if all(s in known for s in shards):
+        return [known[s] for s in shards], classes
+    return None, classes
+
+
+def read_index(urls: Union[str, list[str]]) -> ShardIndex:
+    """Resolve shard URLs in any supported form; counts and classes when an index provides them."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    patterns = [p.strip() for item in patterns for p in item.split("::") if p.strip()]
+    if not patterns:
+        raise UserError("no shard URLs given (data.train_urls is empty); run `vit-pretrain shards` first")
+    if len(patterns) == 1 and patterns[0].endswith(".json"):
+        idx = _load_json_index(patterns[0])
+        if not idx.shards:
+            raise UserError(f"shard index {patterns[0]!r} lists no shards")
+        return idx
+    shards: list[str] = []
+    for p in patterns:
+        if p.endswith(".json"):
+            shards += _load_json_index(p).shards
+            continue
+        got = _expand_one(p)
+        if not got:
+            raise UserError(f"shard pattern matched no files: {p!r}")
+        shards += got
+    counts, classes = _counts_from_sibling_indexes(shards)
+    return ShardIndex(shards, counts, classes)
+
+
+def open_shard(url: str):
+    """A binary file object for a shard; retried with backoff, then a UserError naming the URL."""
+    delay = OPEN_BACKOFF_S
+    for attempt in range(1, OPEN_TRIES + 1):
+        try:
+            if url.startswith("pipe:"):
+                from webdataset.gopen import gopen  # webdataset owns the pipe: protocol (shell commands)
+
+                return gopen(url, "rb")
+            return fsspec.open(url, "rb").open()
+        except Exception as e:  # noqa: BLE001  any transport error is retried, then reported by name
+            if attempt == OPEN_TRIES:
+                raise UserError(f"shard unreachable after {OPEN_TRIES} tries: {url!r} "
+                                f"({type(e).__name__}: {e}); check the URL and credentials") from None
+            log.warning("opening shard %s failed (%s: %s); retry %d in %.1fs", url, type(e).__name__, e,
+                        attempt, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")

@@ -1,0 +1,311 @@
+"""`vit-pretrain shards SOURCE --out DIR`: WebDataset shards from an image folder, a CSV/JSONL list,
+scikit-learn's `digits`, or `synthetic:N`.
+
+Writes `DIR/<split>-NNNNNN.tar` (samples `<key>.jpg|png` + `<key>.cls`), `DIR/<split>.json` (our index:
+shards, per-shard counts, class names, how it was made) and `DIR/_info.json` (timm's WebDataset reader
+layout, so `timm.data.create_dataset('wds/...', root=DIR)` reads the same shards). Samples are shuffled
+with `--seed` before splitting and sharding, so every shard mixes all classes. Unreadable source files
+are reported by name and skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import json
+import logging
+import multiprocessing
+import sys
+from typing import Optional
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+from pretrain.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"}
+KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as-is; others are re-encoded
+SYNTHETIC_CLASSES = 10
+SYNTHETIC_SIDE = 32
+
+
+# ----------------------------------------------------------------------------- sources
+# An item is a picklable tuple (kind, ref, label); `_prepare` turns it into (ext, bytes) in a worker.
+
+
+def _label_table(raw: list[str]) -> tuple[list[int], list[str]]:
+    """Labels as given (ints or class names) -> (indices, class names); '' = unlabelled (-1)."""
+    given = [r for r in raw if r != ""]
+    if not given:
+        return [-1] * len(raw), []
+    if all(r.lstrip("-").isdigit() for r in given):
+        ints = [int(r) if r != "" else -1 for r in raw]
+        if any(i < 0 for i, r in zip(ints, raw) if r != ""):
+            raise UserError(f"negative label {min(ints)} in the source list; labels must be >= 0")
+        return ints, [str(i) for i in range(max(ints) + 1)]
+    classes = sorted(set(given))
+    pos = {c: i for i, c in enumerate(classes)}
+    return [pos[r] if r != "" else -1 for r in raw], classes
+
+
+def _folder_items(root: str) -> tuple[list[tuple], list[str]]:
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.isdir(path):
+        raise UserError(f"source {root!r} is not a folder, a .csv/.jsonl file, 'digits' or 'synthetic:N'")
+    path = path.rstrip("/")
+    files = sorted(p for p in fs.find(path) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+    if not files:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {root!r}")
+    rels = [p[len(path) + 1:] for p in files]
+    labelled = all("/" in r for r in rels)
+    raw = [r.split("/", 1)[0] if labelled else "" for r in rels]
+    if labelled:  # folder names are class names, even when they look like numbers
+        classes = sorted(set(raw))
+        pos = {c: i for i, c in enumerate(classes)}
+        labels = [pos[r] for r in raw]
+    else:
+        labels, classes = [-1] * len(raw), []
+    local = "file" in (fs.protocol if isinstance(fs.protocol, (list, tuple)) else [fs.protocol])
+    urls = [p if local else fs.unstrip_protocol(p) for p in files]
+    return [("file", u, lab) for u, lab in zip(urls, labels)], classes
+
+
+def _list_items(source: str) -> tuple[list[tuple], list[str]]:
+    base = source.rsplit("/", 1)[0] if "/" in source else "."
+    try:
+        with fsspec.open(source, "r") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UserError(f"source list not found: {source!r}") from None
+    rows: list[tuple[str, str]] = []
+    if source.endswith(".jsonl"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                rows.append((str(obj["path"]), "" if obj.get("label") is None else str(obj["label"])))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{source}:{n}: expected a JSON object with 'path' (and 'label')") from None
+    else:
+        for n, row in enumerate(csv.reader(io.StringIO(text)), 1):
+            if not row or not row[0].strip():
+                continue
+            if n == 1 and row[0].strip().lower() == "path":
+                continue  # header
+            rows.append((row[0].strip(), row[1].strip() if len(row) > 1 else ""))
+    if not rows:
+        raise UserError(f"source list {source!r} names no files")
+    labels, classes = _label_table([r[1] for r in rows])
+    paths = [p if ("://" in p or p.startswith("/")) else f"{base}/{p}" for p, _ in rows]
+    return [("file", p, lab) for p, lab in zip(paths, labels)], classes
+
+
+def _source_items(source: str, seed: int) -> tuple[list[tuple], list[str]]:
+    if source == "digits":
+        from sklearn.datasets import load_digits
+
+        target = load_digits().target
+        return [("digits", i, int(t)) for i, t in enumerate(target)], [str(i) for i in range(10)]
+    if source.startswith("synthetic:"):
+        try:
+            n = int(source.split(":", 1)[1])
+            assert n > 0
+        except (ValueError, AssertionError):
+            raise UserError(f"source {source!r}: expected synthetic:N with N a positive integer") from None
+        labels = np.random.default_rng([seed, 1]).integers(0, SYNTHETIC_CLASSES, n)
+        return [("synthetic", (seed, i), int(labels[i])) for i in range(n)], [str(i) for i in range(SYNTHETIC_CLASSES)]
+    if source.endswith((".csv", ".jsonl")):
+        return _list_items(source)
+    return _folder_items(source)
+
+
+# ----------------------------------------------------------------------------- per-item work (in workers)
+
+_DIGITS = None
+
+
+def _synthetic_image(seed: int, i: int, label: int) -> Image.Image:
+    """Stripes whose angle and colour depend on the class, with random phase, frequency jitter and noise."""
+    rng = np.random.default_rng([seed, 2, i])
+    s = SYNTHETIC_SIDE
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+    angle = np.pi * label / SYNTHETIC_CLASSES + rng.normal(0, 0.05)
+    freq = 3.0 + rng.uniform(-0.5, 0.5)
+    wave = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
+    hue = np.array([np.cos(label), np.cos(label + 2.1), np.cos(label + 4.2)], dtype=np.float32)
+    img = 128 + 60 * wave[..., None] * hue + rng.normal(0, 12, (s, s, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        img.save(buf, "JPEG", quality=quality)
+    else:
+        img.save(buf, fmt, optimize=False)
+    return buf.getvalue()
+
+
+def _prepare(job: tuple) -> tuple[Optional[str], Optional[bytes], str]:
+    """(ext, payload, '') for a good item, or (None, None, reason) for an unreadable one."""
+    (kind, ref, label), max_side, quality = job
+    global _DIGITS
+    if kind == "digits":
+        if _DIGITS is None:
+            from sklearn.datasets import load_digits
+
+            _DIGITS = load_digits().images  # (1797, 8, 8) floats in 0..16
+        grey = np.clip(np.round(_DIGITS[ref] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        return "png", _encode(Image.fromarray(grey, "L"), "PNG", quality), ""
+    if kind == "synthetic":
+        return "jpg", _encode(_synthetic_image(ref[0], ref[1], label), "JPEG", quality), ""
+    try:
+        with fsspec.open(ref, "rb") as f:
+            data = f.read()
+    except Exception as e:  # noqa: BLE001  reported and skipped, by name
+        return None, None, f"cannot read ({type(e).__name__}: {e})"
+    if not data:
+        return None, None, "empty file"
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        if fmt == "JPEG":
+            img.draft("RGB", (64, 64))  # a cheap full-file decode that still catches truncation
+        img.load()
+        img = Image.open(io.BytesIO(data))
+        too_big = max_side > 0 and max(img.size) > max_side
+        if fmt in KEEP_FORMATS and not too_big:
+            return KEEP_FORMATS[fmt], data, ""
+        img.load()
+        if img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        if too_big:
+            img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+        out_fmt = "PNG" if fmt == "PNG" else "JPEG"
+        return ("png" if out_fmt == "PNG" else "jpg"), _encode(img, out_fmt, quality), ""
+    except Exception as e:  # noqa: BLE001  any decoder error: reported and skipped
+        return None, None, f"not a readable image ({type(e).__name__}: {e})"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write_split(split: str, jobs: list[tuple], out_dir: str, fs, pool, *, samples_per_shard: int,
+                 max_shard_bytes: int, skipped: list) -> dict:
+    from webdataset import TarWriter
+
+    shards: list[str] = []
+    counts: list[int] = []
+    writer = stream = None
+    size = 0
+
+    def close():
+        if writer is not None:
+            writer.close()
+            stream.close()
+
+    results = pool.imap(_prepare, jobs, chunksize=16) if pool is not None else map(_prepare, jobs)
+    for n, (job, (ext, payload, reason)) in enumerate(zip(jobs, results)):
+        (kind, ref, label) = job[0]
+        if ext is None:
+            skipped.append((str(ref), reason))
+            print(f"skipped {ref}: {reason}", file=sys.stderr)
+            continue
+        if writer is None or counts[-1] >= samples_per_shard or (
+                max_shard_bytes and size + len(payload) > max_shard_bytes and counts[-1] > 0):
+            close()
+            name = f"{split}-{len(shards):06d}.tar"
+            stream = fs.open(f"{out_dir}/{name}", "wb")
+            writer = TarWriter(stream, encoder=False)
+            shards.append(name)
+            counts.append(0)
+            size = 0
+        sample = {"__key__": f"{split}_{n:08d}", ext: payload}
+        if label >= 0:
+            sample["cls"] = str(label).encode()
+        writer.write(sample)
+        counts[-1] += 1
+        size += len(payload) + 1536  # payload + headers, roughly
+    close()
+    return {"shards": shards, "counts": counts, "num_samples": sum(counts)}
+
+
+def write_shards(source: str, out_dir: str, *, samples_per_shard: int = 5000, max_shard_bytes: int = 0,
+                 val_fraction: float = 0.0, seed: int = 0, max_side: int = 0, quality: int = 90,
+                 workers: int = 1) -> dict:
+    """Write shards + indexes; returns {"out", "classes", "splits": {name: {index, shards, counts,
+    num_samples}}, "skipped": [(source, reason)]}."""
+    if samples_per_shard < 1:
+        raise UserError(f"--samples-per-shard {samples_per_shard}: must be >= 1")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if not 1 <= quality <= 100:
+        raise UserError(f"--quality {quality}: must be in 1..100")
+    items, classes = _source_items(source, seed)
+    order = np.random.default_rng([seed, 0]).permutation(len(items))
+    items = [items[i] for i in order]
+    n_val = int(round(len(items) * val_fraction))
+    splits = {"train": items[n_val:]}
+    if n_val:
+        splits["val"] = items[:n_val]
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    fs.makedirs(root, exist_ok=True)
+    out = out_dir.rstrip("/")
+    skipped: list = []
+    made_by = {"source": source, "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
+               "val_fraction": val_fraction, "seed": seed, "max_side": max_side, "quality": quality,
+               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    result = {"out": out, "classes": classes, "splits": {}, "skipped": skipped}
+    info = {"name": out.rsplit("/", 1)[-1], "splits": {}}
+    try:
+        for split, its in splits.items():
+            got = _write_split(split, [(it, max_side, quality) for it in its], root, fs, pool,
+                               samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes,
+                               skipped=skipped)
+            meta = {"split": split, **got, "classes": classes,
+                    "made_by": {**made_by, "skipped": len(skipped)}}
+            with fs.open(f"{root}/{split}.json", "w") as f:
+                json.dump(meta, f, indent=1)
+            info["splits"][split] = {"name": split, "num_samples": got["num_samples"],
+                                     "filenames": got["shards"], "shard_lengths": got["counts"]}
+            result["splits"][split] = {"index": f"{out}/{split}.json", **got}
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    with fs.open(f"{root}/_info.json", "w") as f:
+        json.dump(info, f, indent=1)
+    if not any(s["num_samples"] for s in result["splits"].values()):
+        raise UserError(f"no readable images in {source!r} ({len(skipped)} skipped)")
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="image folder (sub-folder = class), .csv/.jsonl of path,label, "
+                                       "'digits', or 'synthetic:N'")
+    parser.add_argument("--out", required=True, help="output folder (any fsspec URL)")
+    parser.add_argument("--samples-per-shard", type=int, default=5000, help="samples per tar shard")
+    parser.add_argument("--max-shard-bytes", type=float, default=0,
+                        help="also start a new shard before this many bytes (e.g. 1e9; 0 = no limit)")
+    parser.add_argument("--val-fraction", type=float, default=0.0, help="held-out fraction written as 'val'")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the split")
+    parser.add_argument("--max-side", type=int, default=0,
+                        help="re-encode images whose longer side exceeds this (0 = keep as is)")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    parser.add_argument("--workers", type=int, default=1, help="processes reading and re-encoding images")
+
+
+def run(args: argparse.Namespace) -> int:
+    res = write_shards(args.source, args.out, samples_per_shard=args.samples_per_shard,
+                       max_shard_bytes=int(args.max_shard_bytes), val_fraction=args.val_fraction,
+                       seed=args.seed, max_side=args.max_side, quality=args.quality, workers=args.workers)
+    for split, s in res["splits"].items():
+        print(f"{split}: {s['num_samples']} samples in {len(s['shards'])} shards -> {s['index']}")
+    print(f"classes: {len(res['classes'])}; skipped: {len(res['skipped'])}")
+    return 0
