@@ -1,0 +1,63 @@
+"""Linear probing (MAE recipe): frozen encoder, BatchNorm without affine, then a linear head."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.errors import UserError
+from pretrain.models import create_model, flops_per_image, model_kwargs
+from pretrain.tasks.finetune import load_pretrained
+from pretrain.tasks.supervised import topk_correct
+
+
+class LinprobeTask(torch.nn.Module):
+    """`encoder` is the frozen pretrained ViT whose `head` (trained) reads BatchNorm-ed features.
+
+    The BatchNorm sits in a pre-forward hook of `encoder.head`, so the whole forward goes through
+    `encoder(...)` (ZeRO-3 gathers parameters per module call). It has no affine part, so export folds
+    it into the head and the exported file is a plain timm ViT.
+    """
+
+    def __init__(self, cfg, num_classes: int):
+        super().__init__()
+        if num_classes <= 0:
+            raise UserError("task.kind=linprobe needs labelled shards: the training index names no classes")
+        kwargs = dict(model_kwargs(cfg.model, num_classes), drop_path_rate=0.0)
+        self.encoder = create_model(cfg.model.arch, **kwargs)
+        self.source_meta = load_pretrained(self.encoder, cfg.finetune.init_from)
+        self.encoder.requires_grad_(False)
+        self.encoder.head.requires_grad_(True)
+        with torch.no_grad():
+            torch.nn.init.trunc_normal_(self.encoder.head.weight, std=0.01)
+            torch.nn.init.zeros_(self.encoder.head.bias)
+        self.head_bn = torch.nn.BatchNorm1d(self.encoder.num_features, affine=False, eps=1e-6)
+        self.encoder.head.register_forward_pre_hook(self._normalize_features)
+        self.label_smoothing = cfg.task.label_smoothing
+        self.rank = 0
+
+    def _normalize_features(self, module, args):
+        return (self.head_bn(args[0]),)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: no drop path / dropout in the encoder, ever
+        return self
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, step: int = 0):
+        logits = self.encoder(images).float()  # (B, K)
+        if targets.ndim == 2:
+            loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            return loss, {"loss": loss.detach()}
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        acc1 = topk_correct(logits.detach(), targets, ks=(1,))[0].float() / targets.shape[0]
+        return loss, {"loss": loss.detach(), "acc1": acc1}
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+    def param_groups(self, cfg) -> list[dict]:
+        return [{"params": list(self.encoder.head.parameters()), "weight_decay": cfg.optim.weight_decay,
+                 "lr_scale": 1.0}]
+
+    def flops_per_image(self) -> float:
+        return flops_per_image(self.encoder)

@@ -1,0 +1,128 @@
+"""Fine-tune and linear-probe tasks: init from exported weights, pos-embed resampling, layer decay,
+the probe's BatchNorm folded into an exported plain-timm head; end-to-end runs on digits shards."""
+import json
+
+import pytest
+import torch
+
+import pretrain  # noqa: F401  (timm import fix-up)
+from pretrain.config import load_config
+from pretrain.engine.export import build_timm, encoder_state, save_exported, timm_spec
+from pretrain.models import create_model
+
+
+def export_nano(path, num_classes=0, pool="token"):
+    """An exported file as `vit-pretrain export` writes it, from a freshly initialised nano ViT."""
+    torch.manual_seed(0)
+    model = create_model("vit_nano_patch4_16", num_classes=num_classes, global_pool=pool)
+    name, kwargs = timm_spec("vit_nano_patch4_16", dict(num_classes=num_classes, global_pool=pool))
+    meta = {"timm_name": name, "timm_kwargs": kwargs, "arch": "vit_nano_patch4_16", "img_size": 16,
+            "patch_size": 4, "global_pool": pool, "num_classes": num_classes, "mean": None, "std": None}
+    save_exported(model.state_dict(), meta, str(path))
+    return model
+
+
+def cfg_for(kind, init_from, *extra):
+    return load_config(None, [f"task.kind={kind}", f"finetune.init_from={init_from}",
+                              "model.arch=vit_nano_patch4_16", *extra])
+
+
+def test_finetune_resamples_pos_embed_to_a_larger_image(tmp_path):
+    from timm.layers import resample_abs_pos_embed
+
+    from pretrain.tasks.finetune import FinetuneTask
+
+    src = export_nano(tmp_path / "enc.safetensors")
+    task = FinetuneTask(cfg_for("finetune", tmp_path / "enc.safetensors", "model.img_size=32"), num_classes=7)
+    assert task.encoder.pos_embed.shape == (1, 1 + 8 * 8, 32)
+    want = resample_abs_pos_embed(src.pos_embed.detach(), new_size=(8, 8), num_prefix_tokens=1)
+    torch.testing.assert_close(task.encoder.pos_embed.detach(), want)
+    torch.testing.assert_close(task.encoder.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    assert task.encoder.head.out_features == 7
+    loss, metrics = task(torch.randn(2, 3, 32, 32), torch.tensor([1, 6]))
+    assert torch.isfinite(loss) and "acc1" in metrics
+
+
+def test_finetune_avg_pool_takes_the_class_token_norm(tmp_path):
+    from pretrain.tasks.finetune import FinetuneTask
+
+    src = export_nano(tmp_path / "enc.safetensors")
+    task = FinetuneTask(cfg_for("finetune", tmp_path / "enc.safetensors", "model.global_pool=avg"), num_classes=3)
+    torch.testing.assert_close(task.encoder.fc_norm.weight, src.norm.weight)
+
+
+def test_layer_decay_groups(tmp_path):
+    from pretrain.tasks.finetune import FinetuneTask
+
+    export_nano(tmp_path / "enc.safetensors")
+    cfg = cfg_for("finetune", tmp_path / "enc.safetensors", "finetune.layer_decay=0.5")
+    task = FinetuneTask(cfg, num_classes=3)
+    groups = task.param_groups(cfg)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    enc = task.encoder
+    # depth 2: embeddings 0.5^3, block 0 0.5^2, block 1 0.5, head 1
+    assert scale_of[id(enc.patch_embed.proj.weight)] == pytest.approx(0.125)
+    assert scale_of[id(enc.blocks[0].attn.qkv.weight)] == pytest.approx(0.25)
+    assert scale_of[id(enc.blocks[1].attn.qkv.weight)] == pytest.approx(0.5)
+    assert scale_of[id(enc.head.weight)] == pytest.approx(1.0)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in enc.parameters() if p.requires_grad)
+    no_wd = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(enc.pos_embed) in no_wd and id(enc.blocks[0].norm1.weight) in no_wd
+    assert id(enc.blocks[0].attn.qkv.weight) not in no_wd
+
+
+def test_ema_tracks_once_per_optimizer_step(tmp_path):
+    from pretrain.tasks.finetune import FinetuneTask
+
+    export_nano(tmp_path / "enc.safetensors")
+    cfg = cfg_for("finetune", tmp_path / "enc.safetensors", "finetune.ema_decay=0.5", "optim.accum_steps=2")
+    task = FinetuneTask(cfg, num_classes=3)
+    assert not any(p.requires_grad for p in task.ema.parameters())
+    assert all(g["params"][0] is not None for g in task.param_groups(cfg))
+    ema_ids = {id(p) for p in task.ema.parameters()}
+    assert not ema_ids & {id(p) for g in task.param_groups(cfg) for p in g["params"]}
+    with torch.no_grad():
+        task.encoder.head.bias.fill_(1.0)
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    task.train()
+    task(x, y, step=4)  # optimizer step 2 (timm copies at step 1): ema <- 0.5 ema + 0.5 w
+    task(x, y, step=5)  # same optimizer step: no second update
+    assert torch.allclose(task.ema.module.head.bias, torch.full((3,), 0.5))
+
+
+def test_linprobe_freezes_the_encoder_and_exports_as_plain_timm(tmp_path):
+    from pretrain.tasks.linprobe import LinprobeTask
+
+    src = export_nano(tmp_path / "enc.safetensors")
+    cfg = cfg_for("linprobe", tmp_path / "enc.safetensors", "model.drop_path_rate=0.1")
+    task = LinprobeTask(cfg, num_classes=4)
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert trainable == {"encoder.head.weight", "encoder.head.bias"}
+    assert [p for g in task.param_groups(cfg) for p in g["params"]] == [task.encoder.head.weight, task.encoder.head.bias]
+    torch.testing.assert_close(task.encoder.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
+    task.train()
+    assert not task.encoder.training and task.head_bn.training
+    for _ in range(5):  # move the BatchNorm statistics away from (0, 1)
+        task(torch.randn(8, 3, 16, 16) * 3 + 1, torch.randint(0, 4, (8,)))
+    with torch.no_grad():
+        task.encoder.head.weight.normal_()
+        task.encoder.head.bias.normal_()
+    task.eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        want = task.predict(x)
+    state = encoder_state(task.state_dict())  # what export does to the consolidated checkpoint
+    name, kwargs = timm_spec("vit_nano_patch4_16", dict(num_classes=4))
+    model = build_timm({"timm_name": name, "timm_kwargs": kwargs}, state)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_init_is_a_user_error(tmp_path, cli):
+    p = cli("config", "task.kind=finetune")
+    assert p.returncode == 2 and "finetune.init_from" in p.stderr
+    from pretrain.errors import UserError
+    from pretrain.tasks.finetune import FinetuneTask
+
+    with pytest.raises(UserError, match="not found"):
+        FinetuneTask(cfg_for("finetune", tmp_path / "nope.safetensors"), num_classes=3)
