@@ -1,0 +1,2 @@
+"""The training engine: DeepSpeed setup (`ds.py`), schedule, step loop (`trainer.py`), logging
+(`metrics.py`, `visuals.py`) and checkpoints (`checkpoint.py`); export and eval live beside them."""

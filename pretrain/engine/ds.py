@@ -1,0 +1,139 @@
+"""DeepSpeed from our config: the JSON config (batch fields derived, `deepspeed.extra` merged last),
+the optimizer (torch AdamW on the CPU, DeepSpeed's FusedAdam on CUDA), and `deepspeed.initialize`."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from pretrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # "fp32" | "bf16" | "fp16"
+    autocast: torch.dtype | None  # bf16: torch.autocast around the forward; params and grads stay fp32
+    input_dtype: torch.dtype  # dtype the normalised images are cast to (fp16: DeepSpeed's half model)
+
+
+def resolve_device(run_cfg) -> torch.device:
+    if run_cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("config key run.device: got 'cuda' but no CUDA device is visible; use run.device=auto or cpu")
+    if run_cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_precision(ds_cfg, device: torch.device) -> Precision:
+    name = ds_cfg.precision
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("config key deepspeed.precision: got 'fp16', which needs a CUDA device; use bf16 or fp32")
+    if name == "bf16":
+        return Precision("bf16", torch.bfloat16, torch.float32)
+    if name == "fp16":
+        return Precision("fp16", None, torch.float16)
+    return Precision("fp32", None, torch.float32)
+
+
+def _merge(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+def build_ds_config(cfg, world_size: int, precision: Precision, *, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config. Batch fields are derived (micro x accum x world), never typed twice."""
+    z, o, d = cfg.deepspeed, cfg.optim, cfg.data
+    zero: dict = {"stage": z.zero_stage, "overlap_comm": z.overlap_comm, "reduce_bucket_size": z.bucket_size,
+                  "allgather_bucket_size": z.bucket_size, "contiguous_gradients": True}
+    if z.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=z.bucket_size, stage3_param_persistence_threshold=10_000,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if z.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    out = {
+        "train_micro_batch_size_per_gpu": d.batch_size,
+        "gradient_accumulation_steps": o.accum_steps,
+        "train_batch_size": d.batch_size * o.accum_steps * world_size,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        # bf16 runs under torch.autocast with fp32 master weights in the module, so DeepSpeed sees fp32
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": precision.name == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    return _merge(out, z.extra)
+
+
+def guarded(optimizer_cls):
+    """`optimizer_cls` that skips a step whose gradients are not finite and says so in `.overflow`.
+
+    DeepSpeed's ZeRO optimizers already skip such steps (their `overflow`); at stage 0 DeepSpeed calls
+    the bare optimizer, so this gives the same behaviour there (DeepSpeed reads `optimizer.overflow`).
+    """
+
+    class Guarded(optimizer_cls):
+        overflow = False
+
+        def step(self, closure=None):
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                norms = torch._foreach_norm(grads)  # one device reduction, one host read per step
+                self.overflow = not bool(torch.isfinite(torch.stack(norms)).all())
+            if self.overflow:
+                return None
+            return super().step(closure)
+
+    Guarded.__name__ = f"Guarded{optimizer_cls.__name__}"
+    return Guarded
+
+
+def build_optimizer(cfg, param_groups: list[dict], device: torch.device):
+    o = cfg.optim
+    kwargs = dict(lr=0.0, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=1e-8)
+    stage0 = cfg.deepspeed.zero_stage == 0
+    if device.type == "cuda" and not cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import FusedAdam
+
+        cls = guarded(FusedAdam) if stage0 else FusedAdam
+        return cls(param_groups, adam_w_mode=True, **kwargs)
+    if device.type == "cuda":  # optimizer states on the CPU: DeepSpeed's vectorised CPU Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
+    cls = guarded(torch.optim.AdamW) if stage0 else torch.optim.AdamW
+    return cls(param_groups, **kwargs)
+
+
+def initialize(task: torch.nn.Module, cfg, world_size: int, device: torch.device, precision: Precision,
+               *, load_universal: bool = False):
+    """-> (engine, ds_config). The engine wraps the Task; its module state dict holds `encoder.*`."""
+    import deepspeed
+
+    task.to(device)
+    if cfg.deepspeed.zero_stage == 3:
+        # parameters a Task reads outside their module's forward (MAE reads the encoder's tokens and
+        # position embeddings directly) must be gathered with the Task's own forward
+        for param in getattr(task, "external_params", lambda: [])():
+            deepspeed.zero.register_external_parameter(task, param)
+    groups = task.param_groups(cfg)
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+    optimizer = build_optimizer(cfg, groups, device)
+    ds_config = build_ds_config(cfg, world_size, precision, load_universal=load_universal)
+    engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
+    if cfg.model.compile:
+        engine.compile()
+    return engine, ds_config

@@ -1,0 +1,437 @@
+"""`vit-pretrain train CONFIG [key=value ...]`: one run directory, one step loop for every task.
+
+Exit status: 0 done, 2 user error, 75 checkpointed after SIGTERM/SIGUSR1 (requeue), 1 stopped by the
+non-finite guard, anything else a crash. `train(cfg) -> dict` is the Python entry point.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+
+import fsspec
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain import dist as pdist
+from pretrain.config import Config, load_config, to_yaml
+from pretrain.engine import checkpoint as ckpt
+from pretrain.engine.ds import initialize, resolve_device, resolve_precision
+from pretrain.engine.metrics import MetricsLogger, peak_flops
+from pretrain.engine.schedule import build_schedule
+from pretrain.errors import EXIT_REQUEUE, UserError
+from pretrain.models import model_kwargs, num_params
+from pretrain.tasks import build_task
+
+EXIT_NONFINITE = 1
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default=None, help="YAML experiment config (see configs/pretrain)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.max_steps=100 run.name=try1")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pretrain.cli import split_config_args
+
+    config, overrides = split_config_args(args.config, args.overrides)
+    cfg = load_config(config, overrides)
+    try:
+        result = train(cfg)
+    except NonFiniteError as e:
+        print(f"vit-pretrain train: stopped: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        pdist.teardown()
+    return EXIT_REQUEUE if result.get("stopped_early") else 0
+
+
+def train(cfg: Config) -> dict:
+    """Train from `cfg`; -> final metrics plus `run_dir`, `step`, `stopped_early`."""
+    env = pdist.setup()
+    with _stop_signals() as stop:
+        return Trainer(cfg, env, stop).fit()
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGTERM / SIGUSR1 (SLURM's pre-emption warning) set a flag; the loop finishes its step,
+    checkpoints and returns. Handlers are restored afterwards (and only installed on the main thread)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env, stop: threading.Event):
+        from pretrain.data import build_train_stream
+
+        self.cfg, self.env, self.stop = cfg, env, stop
+        self.rank, self.world = env.rank, env.world_size
+        self.device = resolve_device(cfg.run)
+        self.precision = resolve_precision(cfg.deepspeed, self.device)
+        self.run_dir = f"{cfg.run.out_dir.rstrip('/')}/{cfg.run.name}"
+        self.ckpt_dir = f"{self.run_dir}/checkpoints"
+
+        self.stream = build_train_stream(cfg, self.rank, self.world)
+        if cfg.task.kind == "mae":
+            self.num_classes = 0
+        else:
+            self.num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else self.stream.num_classes
+            if self.num_classes <= 0:
+                raise UserError(f"task.kind={cfg.task.kind} needs classes but the training shard index names none "
+                                f"({cfg.data.train_urls!r}); set model.num_classes or write shards with labels")
+        accum = cfg.optim.accum_steps
+        self.steps_per_epoch = self.stream.batches_per_epoch // accum
+        if self.steps_per_epoch < 1:
+            raise UserError(f"data.train_urls holds too few samples for one optimizer step per epoch: "
+                            f"{self.stream.batches_per_epoch} batches of {cfg.data.batch_size} per rank, "
+                            f"{accum} needed; lower data.batch_size or optim.accum_steps")
+        self.total_steps = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * self.steps_per_epoch))
+        self.effective_batch = cfg.data.batch_size * accum * self.world
+        self.schedule = build_schedule(cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps)
+
+        _seed_all(cfg.run.seed)  # identical initial weights on every rank
+        self.task = build_task(cfg, self.num_classes)
+        self.task.rank = self.rank
+        _seed_all(cfg.run.seed + 7919 * self.rank)  # drop-path, mixup: per-rank streams
+
+        if self.rank == 0:
+            self._write_run_files()
+        self.resume = self._resolve_resume()
+        load_universal = bool(self.resume and self.resume[1].endswith("_universal"))
+        self.engine, self.ds_config = initialize(self.task, cfg, self.world, self.device, self.precision,
+                                                 load_universal=load_universal)
+        self.module = self.engine.module
+        self.zero3 = self.engine.zero_optimization_stage() == 3
+        self.mixup = self._build_mixup()
+        self.step, self.epoch, self.samples_seen = 0, 0, 0
+        self.skipped_total, self.skipped_run = 0, 0
+        self.last_good_tag = None
+        if self.resume:
+            self._load(*self.resume)
+        self.flops_per_image = 3.0 * self.module.flops_per_image()  # forward + backward
+        self.peak = peak_flops(self.device)
+        if self.world > 1:  # the stop flag travels on a CPU group: no device sync
+            self.flag_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
+                                 progress=cfg.logging.progress, total_steps=self.total_steps, start_step=self.step)
+        self._log_derived()
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _write_run_files(self) -> None:
+        fs, root = fsspec.core.url_to_fs(self.run_dir)
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(f"{root}/config.yaml", "w") as f:
+            f.write(to_yaml(self.cfg))
+        kwargs = model_kwargs(self.cfg.model, self.num_classes)
+        model = {"task": self.cfg.task.kind, "create_model": {"name": self.cfg.model.arch, **kwargs},
+                 "num_classes": self.num_classes}
+        with fs.open(f"{root}/model.json", "w") as f:
+            json.dump(model, f, indent=2)
+
+    def _resolve_resume(self):
+        found = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
+        if not found:
+            return None
+        folder, tag = found
+        meta = ckpt.read_meta(folder, tag)
+        if meta["world_size"] != self.world and meta["zero_stage"] >= 1:
+            # ZeRO partitions depend on the world size: DeepSpeed's universal format loads on any
+            if self.rank == 0:
+                ckpt.to_universal(folder, tag)
+            if self.world > 1:
+                dist.barrier()
+            tag = f"{tag}_universal"
+        return folder, tag
+
+    def _load(self, folder: str, tag: str) -> None:
+        client = ckpt.load(self.engine, folder, tag)
+        if not client and tag.endswith("_universal"):  # universal output may lack the client state
+            client = ckpt.load_client_state(folder, tag.removesuffix("_universal"))
+        self.step = int(client["step"])
+        self.epoch = int(client["epoch"])
+        self.samples_seen = int(client["samples_seen"])
+        self.skipped_total = int(client.get("skipped_total", 0))
+        per_rank = client["per_rank"]
+        if len(per_rank) == self.world:
+            self.stream.load_state_dict(per_rank[self.rank]["data"])
+            ckpt.set_rng_state(per_rank[self.rank]["rng"])
+        else:  # another world size: the stream re-splits the rest of the epoch from any rank's state
+            self.stream.load_state_dict(per_rank[0]["data"])
+        self.last_good_tag = tag.removesuffix("_universal")
+        if self.rank == 0:
+            print(f"resumed from {folder}/{tag} at step {self.step} (epoch {self.epoch})", file=sys.stderr)
+
+    def _build_mixup(self):
+        t = self.cfg.task
+        if self.cfg.task.kind == "mae" or (t.mixup_alpha <= 0 and t.cutmix_alpha <= 0):
+            return None
+        if self.cfg.data.batch_size % 2:
+            raise UserError(f"config key data.batch_size: got {self.cfg.data.batch_size}, Mixup/CutMix needs an "
+                            "even micro-batch")
+        from timm.data import Mixup
+
+        return Mixup(mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, prob=t.mixup_prob,
+                     switch_prob=t.mixup_switch_prob, label_smoothing=t.label_smoothing,
+                     num_classes=self.num_classes)
+
+    def _log_derived(self) -> None:
+        """Derived values, computed once: stderr, TensorBoard text and `derived.json` (never the config)."""
+        s = self.schedule
+        derived = {
+            "world_size": self.world, "device": str(self.device), "precision": self.precision.name,
+            "zero_stage": self.engine.zero_optimization_stage(), "micro_batch": self.cfg.data.batch_size,
+            "accum_steps": self.cfg.optim.accum_steps, "effective_batch": self.effective_batch,
+            "peak_lr": s.peak_lr, "min_lr": s.min_lr, "warmup_steps": s.warmup_steps, "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch, "samples_per_epoch": self.stream.num_samples,
+            "num_classes": self.num_classes, "params": num_params(self.module),
+            "train_flops_per_image": self.flops_per_image, "start_step": self.step,
+        }
+        self.derived = derived
+        if self.rank == 0:
+            fs, root = fsspec.core.url_to_fs(self.run_dir)
+            with fs.open(f"{root}/derived.json", "w") as f:
+                json.dump(derived, f, indent=2)
+            self.log.info("derived: " + ", ".join(f"{k}={v}" for k, v in derived.items()))
+            self.log.text("derived", "\n".join(f"    {k}: {v}" for k, v in derived.items()))
+
+    # ------------------------------------------------------------------ the loop
+    def _batches(self):
+        """Endless (epoch, images, labels) from the current position; each epoch yields exactly
+        steps_per_epoch x accum micro-batches (a ragged tail smaller than one step is left unread)."""
+        per_epoch = self.steps_per_epoch * self.cfg.optim.accum_steps
+        done_in_epoch = (self.step - self.epoch * self.steps_per_epoch) * self.cfg.optim.accum_steps
+        while True:
+            it = iter(self.stream.iter_epoch(self.epoch))
+            for _ in range(per_epoch - done_in_epoch):
+                images, labels = next(it)
+                yield images, labels
+            close = getattr(it, "close", None)
+            if close:
+                close()
+            self.epoch += 1
+            done_in_epoch = 0
+
+    def _prepare(self, images: torch.Tensor, labels: torch.Tensor):
+        from pretrain.data import normalize
+
+        d = self.cfg.data
+        images = normalize(images.to(self.device, non_blocking=True), d.mean, d.std).to(self.precision.input_dtype)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.cfg.task.kind == "mae":
+            return images, None
+        if self.mixup is not None:
+            images, labels = self.mixup(images, labels)
+        return images, labels
+
+    def _autocast(self):
+        if self.precision.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision.autocast)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1 if self.stop.is_set() else 0], dtype=torch.int32)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.flag_group)
+        return bool(flag.item())
+
+    def fit(self) -> dict:
+        cfg, engine = self.cfg, self.engine
+        accum = cfg.optim.accum_steps
+        batches = self._batches()
+        window = _Window(self.device)
+        self.fixed_images = None
+        stopped_early = False
+        final: dict = {}
+        max_bad = cfg.optim.max_nonfinite_steps + (32 if self.precision.name == "fp16" else 0)
+        engine.train()
+        while self.step < self.total_steps:
+            lr = self.schedule(self.step)
+            for g in engine.optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            step_loss = None
+            for micro in range(accum):
+                t0 = time.perf_counter()
+                images, labels = next(batches)
+                window.data_wait += time.perf_counter() - t0
+                x, y = self._prepare(images, labels)
+                if self.fixed_images is None:
+                    self.fixed_images = x[:4].detach().clone()
+                with self._autocast():
+                    loss, metrics = engine(x, y, self.step * accum + micro)
+                engine.backward(loss)
+                engine.step()
+                step_loss = metrics if step_loss is None else {k: step_loss[k] + v for k, v in metrics.items()}
+            self.step += 1
+            self.samples_seen += self.effective_batch
+            if engine.was_step_applied():  # a Python bool DeepSpeed already holds: no extra sync
+                window.add({k: v / accum for k, v in step_loss.items()})
+                self.skipped_run = 0
+            else:
+                window.skipped += 1
+                self.skipped_total += 1
+                self.skipped_run += 1
+                if self.skipped_run >= max_bad:
+                    self._nonfinite_stop()
+            window.steps += 1
+            self.log.advance()
+            if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps:
+                final = self._log_window(window, lr)
+                window = _Window(self.device)
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
+                self._evaluate()
+            if cfg.logging.images_every_steps and self.step % cfg.logging.images_every_steps == 0:
+                self._images()
+            if self._stop_requested():
+                self._save()
+                stopped_early = True
+                self.log.info(f"stop signal: checkpointed step {self.step}; exiting with {EXIT_REQUEUE} (requeue)")
+                break
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                self._save()
+        if not stopped_early:
+            if self.last_good_tag != ckpt.tag_of(self.step):
+                self._save()
+            final.update(self._evaluate() or {})
+        self.log.close()
+        return {**final, "run_dir": self.run_dir, "step": self.step, "epoch": self.epoch,
+                "samples_seen": self.samples_seen, "skipped_steps": self.skipped_total,
+                "stopped_early": stopped_early}
+
+    def _nonfinite_stop(self):
+        last = f"{self.ckpt_dir}/{self.last_good_tag}" if self.last_good_tag else "none yet"
+        raise NonFiniteError(
+            f"{self.skipped_run} consecutive steps with a non-finite loss or gradient norm, the last at step "
+            f"{self.step}; last good checkpoint: {last}. Lower optim.lr_per_256, raise optim.warmup_steps, "
+            "set optim.grad_clip, or try deepspeed.precision=bf16/fp32 (optim.max_nonfinite_steps sets the limit)")
+
+    def _log_window(self, window, lr: float) -> dict:
+        values = window.read()  # the one host read of the window's sums
+        elapsed = max(time.perf_counter() - window.t0, 1e-9)
+        images_per_sec = window.steps * self.effective_batch / elapsed
+        gn = self.engine.get_global_grad_norm()
+        gn = float(gn) if gn is not None else None
+        row = {"epoch": self.epoch, "samples": self.samples_seen, **values, "lr": lr, "grad_norm": gn,
+               "images_per_sec": images_per_sec, "data_wait": window.data_wait / elapsed,
+               "flops_per_sec": images_per_sec * self.flops_per_image,
+               "mfu": (images_per_sec * self.flops_per_image / (self.peak * self.world)) if self.peak else None,
+               "skipped_steps": window.skipped, "skipped_total": self.skipped_total}
+        bad = self.stream.bad_counts()
+        if any(bad.values()):
+            row["bad_samples"] = sum(bad.values())
+        self.log.log(self.step, {k: v for k, v in row.items() if v is not None})
+        return row
+
+    # ------------------------------------------------------------------ checkpoints, eval, images
+    def _save(self) -> None:
+        client = {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
+                  "skipped_total": self.skipped_total, "config": to_yaml(self.cfg),
+                  "data_state": self.stream.state_dict()}
+        self.last_good_tag = ckpt.save(self.engine, self.ckpt_dir, self.step, client, rank=self.rank,
+                                       world_size=self.world, keep=self.cfg.checkpoint.keep)
+
+    def _gathered(self):
+        """Under ZeRO-3 gather every parameter for a pass outside the training forward (eval, pictures),
+        so ranks need not run the same number of batches."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+    def _evaluate(self) -> dict | None:
+        if not self.cfg.data.val_urls or not hasattr(self.module, "predict"):
+            return None
+        from pretrain.data import build_eval_stream, normalize
+
+        d = self.cfg.data
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # correct1, correct5, loss_sum, n
+        from pretrain.tasks.supervised import topk_correct
+
+        self.engine.eval()
+        with torch.no_grad(), self._gathered():
+            for images, labels in build_eval_stream(d.val_urls, self.cfg, self.rank, self.world):
+                x = normalize(images.to(self.device, non_blocking=True), d.mean, d.std).to(self.precision.input_dtype)
+                y = labels.to(self.device, non_blocking=True)
+                with self._autocast():
+                    logits = self.module.predict(x).float()
+                c1, c5 = topk_correct(logits, y)
+                loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+                sums += torch.stack([c1.double(), c5.double(), loss.double(), torch.tensor(float(len(y)), device=self.device, dtype=torch.float64)])
+        self.engine.train()
+        if self.world > 1:
+            dist.all_reduce(sums)
+        c1, c5, loss, n = sums.tolist()
+        result = {"top1": c1 / max(n, 1), "top5": c5 / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
+        self.log.scalars(self.step, "val", result)
+        return {f"val_{k}": v for k, v in result.items()}
+
+    def _images(self) -> None:
+        from pretrain.engine.visuals import attention_grid, mae_grid
+
+        if self.fixed_images is None:
+            return
+        d = self.cfg.data
+        x = self.fixed_images.to(torch.float32)
+        self.engine.eval()
+        with torch.no_grad(), self._gathered():
+            if self.cfg.task.kind == "mae":
+                from pretrain.tasks.mae import mask_noise
+
+                noise = mask_noise(self.cfg.run.seed, 0, self.rank, x.shape[0], self.module.num_patches, x.device)
+                self.log.image("mae/input_masked_reconstruction", mae_grid(self.module, x, noise, d.mean, d.std), self.step)
+            self.log.image("attention/last_block", attention_grid(self.module.encoder, x, d.mean, d.std), self.step)
+        self.engine.train()
+
+
+class _Window:
+    """Sums of per-step metrics between two logging steps, kept on the device until read."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counted = 0
+        self.steps = 0
+        self.skipped = 0
+        self.data_wait = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.counted += 1
+
+    def read(self) -> dict:
+        if not self.sums:
+            return {"loss": float("nan")}
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).div(self.counted).tolist()
+        return dict(zip(keys, values))

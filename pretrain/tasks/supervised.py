@@ -1,0 +1,45 @@
+"""Supervised classification: cross-entropy with label smoothing, or soft targets under Mixup/CutMix."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
+
+from pretrain.models import create_model, flops_per_image, model_kwargs
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
+    """Number of samples whose label is among the top-k logits, per k (0-dim tensors, no sync)."""
+    k_max = min(max(ks), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices  # (B, k_max)
+    hit = top.eq(labels.unsqueeze(1))
+    return [hit[:, :min(k, k_max)].any(dim=1).sum() for k in ks]
+
+
+class SupervisedTask(torch.nn.Module):
+    """`encoder` is a timm ViT with its classifier head."""
+
+    def __init__(self, cfg, num_classes: int):
+        super().__init__()
+        self.encoder = create_model(cfg.model.arch, **model_kwargs(cfg.model, num_classes))
+        self.label_smoothing = cfg.task.label_smoothing
+        self.rank = 0
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, step: int = 0):
+        logits = self.encoder(images).float()  # (B, K)
+        if targets.ndim == 2:  # soft targets from Mixup/CutMix (smoothing already folded in)
+            loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            return loss, {"loss": loss.detach()}
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        acc1 = topk_correct(logits.detach(), targets, ks=(1,))[0].float() / targets.shape[0]
+        return loss, {"loss": loss.detach(), "acc1": acc1}
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+    def param_groups(self, cfg) -> list[dict]:
+        skip = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+        return param_groups_weight_decay(self, cfg.optim.weight_decay, no_weight_decay_list=skip)
+
+    def flops_per_image(self) -> float:
+        return flops_per_image(self.encoder)
