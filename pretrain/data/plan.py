@@ -1,0 +1,164 @@
+"""Which samples each worker slot reads in an epoch, and what remains of an epoch after an interruption.
+
+Positions: an epoch orders its shards (a seeded permutation; in resampled mode a seeded draw with
+replacement) and concatenates them into one sequence of N samples, rotated by a seeded offset so that
+the dropped tail differs each epoch. Position p is sample (p + offset) mod N of that concatenation.
+
+A *layer* splits a sequence of positions (a list of segments) over R ranks x W workers ("slots").
+Every rank gets the same number of whole batches; within a rank, worker w takes a contiguous run of
+batches, and the DataLoader hands batches out round-robin (batch j comes from worker j mod W), so
+after n batches on a rank each worker's consumption is known: n // W + (w < n % W) batches.
+Within a slot, blocks of S samples are permuted with an RNG seeded by (seed, epoch, layer, slot, block).
+
+The first layer of an epoch drops the < R*B tail. Resuming with another world size or worker count
+adds a layer over exactly the positions the previous layers did not consume; it pads (repeating its
+first positions) only when the remaining batches do not divide evenly over the new ranks.
+Segments are (k, 2) int64 arrays of [start, stop) so a plan never materialises all N positions.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    workers: int
+    batch_size: int
+    shuffle_block: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _seg_starts(segs: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(segs[:, 1] - segs[:, 0])]).astype(np.int64)
+
+
+def seg_len(segs: np.ndarray) -> int:
+    return int((segs[:, 1] - segs[:, 0]).sum()) if len(segs) else 0
+
+
+def seg_slice(segs: np.ndarray, v0: int, v1: int) -> np.ndarray:
+    """Positions at virtual indices [v0, v1) of the sequence `segs` (indices taken modulo its length)."""
+    m = seg_len(segs)
+    starts = _seg_starts(segs)
+    out = []
+    while v0 < v1 and m > 0:
+        base = (v0 // m) * m
+        a, b = v0 - base, min(v1 - base, m)
+        i0 = int(np.searchsorted(starts, a, "right") - 1)
+        i1 = int(np.searchsorted(starts, b, "left"))
+        part = segs[i0:i1].copy()
+        part[0, 0] += a - starts[i0]
+        part[-1, 1] -= starts[i1] - b
+        out.append(part)
+        v0 = base + b
+    return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
+
+
+def seg_points(segs: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Positions at virtual indices v (each < the sequence length)."""
+    starts = _seg_starts(segs)
+    i = np.searchsorted(starts, v, "right") - 1
+    return segs[i, 0] + (v - starts[i])
+
+
+def points_to_segs(p: np.ndarray) -> np.ndarray:
+    if len(p) == 0:
+        return np.zeros((0, 2), np.int64)
+    breaks = np.nonzero(np.diff(p) != 1)[0] + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(p)]])
+    return np.stack([p[starts], p[stops - 1] + 1], axis=1).astype(np.int64)
+
+
+class Layer:
+    def __init__(self, seq: np.ndarray, layout: Layout, index: int, seed: int, epoch: int):
+        self.seq, self.layout, self.index, self.seed, self.epoch = seq, layout, index, seed, epoch
+        self.m = seg_len(seq)
+        per_rank = layout.world_size * layout.batch_size
+        # first layer: drop the tail; later layers: pad so that no remaining sample is lost
+        self.batches_per_rank = self.m // per_rank if index == 0 else -(-self.m // per_rank)
+
+    def slot(self, rank: int, worker: int) -> tuple[int, int, int]:
+        """(first virtual index, batches, slot id) of a rank's worker."""
+        w_count, b = self.layout.workers, self.layout.batch_size
+        q, rem = divmod(self.batches_per_rank, w_count)
+        first_batch = worker * q + min(worker, rem)
+        v0 = (rank * self.batches_per_rank + first_batch) * b
+        return v0, q + (worker < rem), rank * w_count + worker
+
+    def consumed(self, worker: int, n: int) -> int:
+        """Batches worker `worker` has handed out after its rank handed out n (round-robin order)."""
+        w_count = self.layout.workers
+        _, batches, _ = self.slot(0, worker)
+        return min(batches, n // w_count + (worker < n % w_count))
+
+    def slot_segs(self, rank: int, worker: int) -> np.ndarray:
+        v0, batches, _ = self.slot(rank, worker)
+        return seg_slice(self.seq, v0, v0 + batches * self.layout.batch_size)
+
+    def block_perm(self, slot: int, block: int, length: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch, self.index, slot, block])
+        return rng.permutation(length)
+
+    def remaining(self, n: int) -> np.ndarray:
+        """Positions not yet handed out after every rank handed out n batches (padding excluded)."""
+        b, s = self.layout.batch_size, self.layout.shuffle_block
+        out = []
+        for r in range(self.layout.world_size):
+            for w in range(self.layout.workers):
+                v0, batches, slot = self.slot(r, w)
+                length, done = batches * b, self.consumed(w, n) * b
+                if done >= length:
+                    continue
+                j, k = divmod(done, s)
+                block_len = min(s, length - j * s)
+                left = np.sort(self.block_perm(slot, j, block_len)[k:]) + j * s + v0  # virtual indices
+                left = left[left < self.m]
+                if len(left):
+                    out.append(points_to_segs(seg_points(self.seq, left)))
+                tail0, tail1 = v0 + j * s + block_len, min(v0 + length, self.m)
+                if tail1 > tail0:
+                    out.append(seg_slice(self.seq, tail0, tail1))
+        return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
+
+
+class EpochPlan:
+    """Shard order, rotation and layers of one epoch; `layers[-1]` is the one being read."""
+
+    def __init__(self, counts: list[int], seed: int, epoch: int, history: list[tuple[Layout, int]],
+                 resampled_samples: int = 0):
+        rng = np.random.default_rng([seed, epoch, 7])
+        counts_a = np.asarray(counts, dtype=np.int64)
+        if resampled_samples:
+            # endless stream: shards drawn with replacement until the window is covered
+            order: list[int] = []
+            total = 0
+            while total < resampled_samples:
+                order += list(rng.integers(0, len(counts), size=max(1, len(counts))))
+                total = int(counts_a[order].sum())
+            self.order = np.asarray(order, dtype=np.int64)
+            self.n = resampled_samples
+            self.offset = 0
+        else:
+            self.order = rng.permutation(len(counts))
+            self.n = int(counts_a.sum())
+            self.offset = int(rng.integers(self.n)) if self.n else 0
+        self.cum = np.concatenate([[0], np.cumsum(counts_a[self.order])]).astype(np.int64)
+        seq = np.array([[0, self.n]], dtype=np.int64)
+        self.layers: list[Layer] = []
+        for i, (layout, n) in enumerate(history):
+            layer = Layer(seq, layout, i, seed, epoch)
+            self.layers.append(layer)
+            if i < len(history) - 1:
+                seq = layer.remaining(n)
+
+    def locate(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index into the index's list, sample index within that shard) of positions p."""
+        q = (p + self.offset) % self.n
+        k = np.searchsorted(self.cum, q, "right") - 1
+        return self.order[k], q - self.cum[k]

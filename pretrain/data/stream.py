@@ -1,0 +1,357 @@
+"""The resumable train stream and the exactly-once eval stream (see plan.py for the sample layout).
+
+Workers yield whole uint8 batches; torch's DataLoader returns them in worker order, so the number of
+batches the trainer has received fixes what every worker has consumed: the stream's state is one
+counter per epoch layer, identical on every rank. Exact resume and re-splitting over another world
+size are hand-written (webdataset has neither); tar access and URL opening are in tario.py / index.py.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pretrain.data.index import ShardIndex, read_index
+from pretrain.data.plan import EpochPlan, Layout, seg_points
+from pretrain.data.tario import ShardCursor
+from pretrain.data.transforms import BadSample, Decoder
+from pretrain.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BAD_KINDS = ("truncated", "not_image", "empty_image", "undecodable", "label_missing", "label_out_of_range")
+MIN_BAD_DENOMINATOR = 1000
+"""The bad fraction is judged over at least this many samples, so one early bad sample is not fatal."""
+STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- reading + decoding
+
+
+class _Reader:
+    """Random-ish access to samples by (shard, index); keeps one shard open and moves forward in it."""
+
+    def __init__(self, shards: list[str]):
+        self.shards = shards
+        self.cur: Optional[ShardCursor] = None
+        self.cur_shard = -1
+
+    def get(self, shard: int, i: int) -> tuple[str, str, Optional[dict], Optional[str]]:
+        url = self.shards[shard]
+        if self.cur is None or self.cur_shard != shard or self.cur.pos > i:
+            self.close()
+            self.cur, self.cur_shard = ShardCursor(url), shard
+        if self.cur.pos < i:
+            self.cur.skip(i - self.cur.pos)
+        got = self.cur.read() if self.cur.pos == i else None
+        if got is None:
+            return url, f"#{i}", None, "truncated"
+        return url, got[0], got[1], None
+
+    def close(self) -> None:
+        if self.cur is not None:
+            self.cur.close()
+            self.cur = None
+
+
+def _label(sample: dict, num_classes: int) -> int:
+    raw = sample.get("cls")
+    if raw is None:
+        if num_classes > 0:
+            raise BadSample("label_missing")
+        return -1
+    try:
+        lab = int(raw.decode().strip())
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise BadSample("label_missing") from None
+    if num_classes > 0 and not 0 <= lab < num_classes:
+        raise BadSample("label_out_of_range")
+    return lab
+
+
+def _decode_one(entry, decoder: Decoder, num_classes: int, bad: Counter):
+    url, key, sample, kind = entry
+    try:
+        if kind is not None:
+            raise BadSample(kind)
+        label = _label(sample, num_classes)
+        return decoder(sample), label
+    except BadSample as e:
+        bad[e.args[0]] += 1
+        log.warning("skipping %s sample %r in shard %s", e.args[0], key, url)
+        return None
+
+
+def _to_batch(images: list[np.ndarray], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W) uint8
+    return x, torch.tensor(labels, dtype=torch.int64)
+
+
+def _seed_batch(*key: int) -> np.random.Generator:
+    """Seed Python, NumPy and torch RNGs (used by the augmentations) from the batch's identity."""
+    ss = np.random.SeedSequence([int(k) for k in key])
+    a, b = ss.generate_state(2)
+    random.seed(int(a))
+    np.random.seed(int(b))
+    torch.manual_seed(int(a))
+    return np.random.default_rng(ss)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+class _TrainSlots(IterableDataset):
+    """One rank's worker slots for one epoch layer, starting after `n_start` batches of that layer."""
+
+    def __init__(self, plan: EpochPlan, shards: list[str], rank: int, n_start: int, decoder: Decoder,
+                 num_classes: int, seed: int, epoch: int):
+        self.plan, self.shards, self.rank, self.n_start = plan, shards, rank, n_start
+        self.decoder, self.num_classes, self.seed, self.epoch = decoder, num_classes, seed, epoch
+
+    def __iter__(self):
+        info = get_worker_info()
+        layer = self.plan.layers[-1]
+        lay = layer.layout
+        # rotate so that DataLoader worker 0 is the slot whose batch comes next in the round-robin
+        w = ((info.id if info else 0) + self.n_start) % lay.workers
+        _, batches, slot = layer.slot(self.rank, w)
+        done = layer.consumed(w, self.n_start)
+        segs = layer.slot_segs(self.rank, w)
+        b, s = lay.batch_size, lay.shuffle_block
+        length, pos, k = batches * b, done * b, done
+        reader = _Reader(self.shards)
+        pending: list = []
+        last_good = None
+        try:
+            while pos < length:
+                j, skip = divmod(pos, s)
+                block_len = min(s, length - j * s)
+                perm = layer.block_perm(slot, j, block_len)[skip:]  # the block's yielded part is skipped unread
+                need = np.sort(perm)
+                shard, intra = self.plan.locate(seg_points(segs, need + j * s))
+                got = {int(v): reader.get(int(sh), int(i)) for v, sh, i in zip(need, shard, intra)}
+                for v in perm:
+                    pending.append(got.pop(int(v)))
+                    if len(pending) == b:
+                        out, last_good = self._batch(pending, layer.index, slot, k, last_good)
+                        yield out
+                        pending, k = [], k + 1
+                pos = j * s + block_len
+        finally:
+            reader.close()
+
+    def _batch(self, entries: list, layer: int, slot: int, k: int, last_good):
+        rng = _seed_batch(self.seed, self.epoch, layer, slot, k)
+        bad: Counter = Counter()
+        done = [_decode_one(e, self.decoder, self.num_classes, bad) for e in entries]
+        good = [d for d in done if d is not None]
+        if not good:
+            if last_good is None:
+                raise UserError(f"all {len(entries)} samples of a batch were unreadable (first: "
+                                f"{entries[0][1]!r} in {entries[0][0]}); check the shards")
+            good = [last_good]
+        # a skipped sample's place is filled by another sample of the batch: every rank keeps full,
+        # equal batches (so no rank waits at a collective) and positions stay countable for resume
+        fill = rng.integers(0, len(good), size=len(done))
+        done = [d if d is not None else good[fill[i]] for i, d in enumerate(done)]
+        x, y = _to_batch([d[0] for d in done], [d[1] for d in done])
+        return (x, y, dict(bad)), good[-1]
+
+
+class TrainStream:
+    """Deterministic, resumable per-rank batches; see the module docstring and docs/data.md."""
+
+    def __init__(self, cfg, rank: int, world_size: int, index: Optional[ShardIndex] = None):
+        from pretrain.models.vit import resolve_arch
+
+        d = cfg.data
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.index = index or read_index(d.train_urls)
+        self.counts = self.index.counts or count_samples(self.index.shards)
+        self.num_classes = len(self.index.classes)
+        self.seed = cfg.run.seed
+        self.resampled = d.mode == "resampled"
+        total = sum(self.counts)
+        self.num_samples = (d.samples_per_epoch or total) if self.resampled else total
+        self.layout = Layout(world_size, max(1, d.workers), d.batch_size, d.shuffle_block)
+        self.batches_per_epoch = self.num_samples // (world_size * d.batch_size)
+        if self.batches_per_epoch == 0:
+            raise UserError(f"{self.num_samples} samples per epoch cannot fill one batch of {d.batch_size} on "
+                            f"each of {world_size} ranks; lower data.batch_size or add data")
+        img_size = resolve_arch(cfg.model)["img_size"]
+        mode = "train" if cfg.task.kind in ("supervised", "finetune") else "mae"
+        self.decoder = Decoder(mode, img_size, d)
+        self._epoch = 0
+        self._history: list[list] = []  # [[Layout, batches handed out], ...] of the current epoch
+        self._bad: Counter = Counter()
+        self._read = 0
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "mode": self.cfg.data.mode, "seed": self.seed,
+                "num_samples": self.num_samples, "num_shards": len(self.counts), "epoch": self._epoch,
+                "layers": [{**lay.to_dict(), "batches": n} for lay, n in self._history]}
+
+    def load_state_dict(self, d: dict) -> None:
+        want = {"mode": self.cfg.data.mode, "seed": self.seed, "num_samples": self.num_samples,
+                "num_shards": len(self.counts)}
+        for key, value in want.items():
+            if d.get(key) != value:
+                raise UserError(f"data state was saved with {key}={d.get(key)!r} but this run has {value!r}; "
+                                "resume with the same shards, seed and data.mode (or start a new run)")
+        self._epoch = int(d["epoch"])
+        self._history = [[Layout(l["world_size"], l["workers"], l["batch_size"], l["shuffle_block"]),
+                          int(l["batches"])] for l in d["layers"]]
+
+    def bad_counts(self) -> dict[str, int]:
+        return dict(self._bad)
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        if epoch != self._epoch:
+            self._epoch, self._history = epoch, []
+        if self._history and self._history[-1][0] != self.layout:
+            if self._history[-1][1] == 0:
+                self._history.pop()
+            if self._history:
+                self._history.append([self.layout, 0])
+        if not self._history:
+            self._history = [[self.layout, 0]]
+        return EpochPlan(self.counts, self.seed, epoch, [tuple(h) for h in self._history],
+                         self.num_samples if self.resampled else 0)
+
+    def remaining_batches(self, epoch: int) -> int:
+        """Batches `iter_epoch(epoch)` will yield from the current position."""
+        plan = self._plan(epoch)
+        return plan.layers[-1].batches_per_rank - self._history[-1][1]
+
+    # -- iteration -----------------------------------------------------------------------------
+    def iter_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan = self._plan(epoch)
+        cur = self._history[-1]
+        left = plan.layers[-1].batches_per_rank - cur[1]
+        workers = self.cfg.data.workers
+        ds = _TrainSlots(plan, self.index.shards, self.rank, cur[1], self.decoder, self.num_classes,
+                         self.seed, epoch)
+        loader = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=_worker_init if workers else None,
+                            prefetch_factor=2 if workers else None)
+        got = 0
+        for x, y, bad in _reraise_user_errors(loader):
+            cur[1] += 1
+            got += 1
+            self._account(bad, len(y))
+            yield x, y
+        if got != left:
+            raise RuntimeError(f"epoch {epoch}: expected {left} batches on rank {self.rank}, got {got}")
+        self._epoch, self._history = epoch + 1, []
+
+    def _account(self, bad: dict, n: int) -> None:
+        self._bad.update(bad)
+        self._read += n
+        total = sum(self._bad.values())
+        limit = self.cfg.data.max_bad_fraction
+        if total > limit * max(self._read, MIN_BAD_DENOMINATOR):
+            kinds = ", ".join(f"{k}={v}" for k, v in sorted(self._bad.items()))
+            raise UserError(f"{total} of {self._read} samples read were bad ({kinds}), more than "
+                            f"data.max_bad_fraction={limit}; fix the shards or raise the limit")
+
+
+def _reraise_user_errors(loader):
+    """A UserError raised in a worker arrives wrapped with a traceback: re-raise it as one line."""
+    try:
+        yield from loader
+    except UserError as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        msg = lines[-1].split("UserError: ", 1)[-1] if lines else str(e)
+        raise UserError(msg) from None
+
+
+def count_samples(shards: list[str]) -> list[int]:
+    """Samples per shard by reading tar headers only (for shard lists without an index)."""
+    log.info("no sample counts for %d shards: counting them from tar headers", len(shards))
+    counts = []
+    for url in shards:
+        c = ShardCursor(url)
+        try:
+            counts.append(c.skip(1 << 62))
+        finally:
+            c.close()
+    return counts
+
+
+def build_train_stream(cfg, rank: int, world_size: int) -> TrainStream:
+    return TrainStream(cfg, rank, world_size)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+class _EvalSlots(IterableDataset):
+    def __init__(self, shards, counts, rank, world_size, workers, batch_size, decoder, num_classes):
+        self.shards, self.counts, self.rank, self.world = shards, counts, rank, world_size
+        self.workers, self.batch_size, self.decoder, self.num_classes = workers, batch_size, decoder, num_classes
+
+    def __iter__(self):
+        info = get_worker_info()
+        n = sum(self.counts)
+        a, b = self.rank * n // self.world, (self.rank + 1) * n // self.world
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        a, b = a + w * (b - a) // nw, a + (w + 1) * (b - a) // nw
+        cum = np.concatenate([[0], np.cumsum(self.counts)])
+        reader = _Reader(self.shards)
+        bad: Counter = Counter()
+        imgs, labs = [], []
+        try:
+            for p in range(a, b):
+                sh = int(np.searchsorted(cum, p, "right") - 1)
+                got = _decode_one(reader.get(sh, p - int(cum[sh])), self.decoder, self.num_classes, bad)
+                if got is not None:
+                    imgs.append(got[0])
+                    labs.append(got[1])
+                if len(imgs) == self.batch_size or (p == b - 1 and imgs):
+                    yield _to_batch(imgs, labs)
+                    imgs, labs = [], []
+        finally:
+            reader.close()
+
+
+class EvalStream:
+    """Every sample exactly once across ranks, in index order, no drop; bad samples skipped and logged."""
+
+    def __init__(self, urls, cfg, rank: int, world_size: int):
+        from pretrain.models.vit import resolve_arch
+
+        self.index = read_index(urls)
+        self.counts = self.index.counts or count_samples(self.index.shards)
+        self.num_classes = len(self.index.classes)
+        self.num_samples = sum(self.counts)
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.decoder = Decoder("eval", resolve_arch(cfg.model)["img_size"], cfg.data)
+
+    def __iter__(self):
+        workers = self.cfg.data.workers
+        ds = _EvalSlots(self.index.shards, self.counts, self.rank, self.world_size, max(1, workers),
+                        self.cfg.data.batch_size, self.decoder, self.num_classes)
+        loader = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=_worker_init if workers else None)
+        yield from _reraise_user_errors(loader)
+
+
+def build_eval_stream(urls, cfg, rank: int, world_size: int) -> EvalStream:
+    return EvalStream(urls, cfg, rank, world_size)
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, C, H, W) on the device -> float32 normalised with per-channel mean/std (given in 0..1)."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255
+    return (images.float() - m) / s
