@@ -333,7 +333,7 @@ class Trainer:
             "set optim.grad_clip, or try deepspeed.precision=bf16/fp32 (optim.max_nonfinite_steps sets the limit)")
 
     def _log_window(self, window, lr: float) -> dict:
-        values = window.read()  # the one host read of the window's sums
+        values = window.read(self.world)  # the one host read of the window's sums (mean over ranks)
         elapsed = max(time.perf_counter() - window.t0, 1e-9)
         images_per_sec = window.steps * self.effective_batch / elapsed
         gn = self.engine.get_global_grad_norm()
@@ -429,9 +429,13 @@ class _Window:
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.counted += 1
 
-    def read(self) -> dict:
-        if not self.sums:
+    def read(self, world_size: int) -> dict:
+        """Window means, averaged over ranks (a collective: every rank calls it at the same step)."""
+        if not self.sums:  # every step of the window was skipped (on every rank: the skip is global)
             return {"loss": float("nan")}
-        keys = list(self.sums)
-        values = torch.stack([self.sums[k] for k in keys]).div(self.counted).tolist()
-        return dict(zip(keys, values))
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).div(self.counted)
+        if world_size > 1:
+            dist.all_reduce(values)
+            values = values / world_size
+        return dict(zip(keys, values.tolist()))
