@@ -1,0 +1,247 @@
+"""The train/eval streams on real tar shards with real DataLoader workers; 2 ranks simulated as two streams."""
+import io
+import json
+import os
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from webdataset import TarWriter
+
+from pretrain.config import load_config
+from pretrain.data import build_eval_stream, build_train_stream, normalize, read_index
+from pretrain.errors import UserError
+
+SIZES = [7, 13, 3, 21, 9, 17]  # uneven shards, 70 samples
+
+
+def png(i: int, side: int = 8) -> bytes:
+    rng = np.random.default_rng(i)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_shards(root: str, sizes=SIZES, samples=None, num_classes=None) -> str:
+    """Shards whose label is the sample id (so tests can tell samples apart after augmentation)."""
+    fs, path = fsspec.core.url_to_fs(root)
+    fs.makedirs(path, exist_ok=True)
+    names, i = [], 0
+    for s, n in enumerate(sizes):
+        name = f"train-{s:06d}.tar"
+        with fs.open(f"{path}/{name}", "wb") as f:
+            w = TarWriter(f, encoder=False)
+            for _ in range(n):
+                sample = samples(i) if samples else {"png": png(i), "cls": str(i).encode()}
+                w.write({"__key__": f"s{i:05d}", **sample})
+                i += 1
+            w.close()
+        names.append(name)
+    classes = [str(c) for c in range(num_classes or i)]
+    with fs.open(f"{path}/train.json", "w") as f:
+        json.dump({"shards": names, "counts": list(sizes), "classes": classes}, f)
+    return f"{root.rstrip('/')}/train.json"
+
+
+def make_cfg(urls, **over):
+    base = {"data.train_urls": urls, "data.batch_size": 4, "data.workers": 2, "data.shuffle_block": 5,
+            "model.arch": "vit_nano_patch4_16", "task.kind": "mae"}
+    base.update(over)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def labels_of(stream, epoch, limit=None):
+    out = []
+    for _, y in stream.iter_epoch(epoch):
+        out.append(y.tolist())
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def flat(batches):
+    return [v for b in batches for v in b]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(str(tmp_path_factory.mktemp("shards")))
+
+
+def test_read_index_forms(shards):
+    base = os.path.dirname(shards)
+    by_index = read_index(shards)
+    assert by_index.counts == SIZES and by_index.num_samples == 70 and len(by_index.classes) == 70
+    by_brace = read_index(f"{base}/train-{{000000..000005}}.tar")
+    by_glob = read_index(f"{base}/train-*.tar")
+    assert by_brace.shards == by_glob.shards == by_index.shards
+    assert by_glob.counts == SIZES  # found through the folder's index
+    assert read_index([f"{base}/train-000000.tar", f"{base}/train-000001.tar"]).num_samples == 20
+    with pytest.raises(UserError, match="matched no files"):
+        read_index(f"{base}/nothing-*.tar")
+
+
+def test_exactly_once_two_ranks_two_workers(shards):
+    streams = [build_train_stream(make_cfg(shards), r, 2) for r in range(2)]
+    assert streams[0].batches_per_epoch == streams[1].batches_per_epoch == 70 // 8
+    per_rank = [labels_of(s, 0) for s in streams]
+    assert [len(b) for b in per_rank] == [8, 8]  # equal batch counts per rank
+    assert all(len(b) == 4 for r in per_rank for b in r)
+    seen = flat(per_rank[0]) + flat(per_rank[1])
+    assert len(seen) == len(set(seen)) == 64 and set(seen) <= set(range(70))
+    again = flat(labels_of(build_train_stream(make_cfg(shards), 0, 2), 0))
+    assert again == flat(per_rank[0])  # deterministic
+    assert flat(labels_of(streams[0], 1)) != flat(per_rank[0])  # a new order each epoch
+
+
+def test_resume_same_layout_gives_identical_batches(shards):
+    cfg = make_cfg(shards, **{"task.kind": "supervised", "data.auto_augment": "rand-m9-mstd0.5"})
+    full = list(build_train_stream(cfg, 1, 2).iter_epoch(0))
+    first = build_train_stream(cfg, 1, 2)
+    it = first.iter_epoch(0)
+    head = [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(first.state_dict()))  # plain JSON types
+    resumed = build_train_stream(cfg, 1, 2)
+    resumed.load_state_dict(state)
+    rest = list(resumed.iter_epoch(0))
+    assert len(head) + len(rest) == len(full)
+    for (x, y), (fx, fy) in zip(head + rest, full):
+        assert torch.equal(y, fy) and torch.equal(x, fx)  # same samples and same augmentations
+    assert resumed.state_dict()["epoch"] == 1
+
+
+@pytest.mark.parametrize("new_world,new_workers", [(1, 2), (2, 1), (1, 3)])
+def test_resume_other_layout_exactly_once(shards, new_world, new_workers):
+    cfg = make_cfg(shards)
+    streams = [build_train_stream(cfg, r, 2) for r in range(2)]
+    consumed = flat(labels_of(streams[0], 0, limit=3)) + flat(labels_of(streams[1], 0, limit=3))
+    state = streams[0].state_dict()
+    assert state == streams[1].state_dict()  # rank-independent: one copy in the checkpoint suffices
+    cfg2 = make_cfg(shards, **{"data.workers": new_workers})
+    rest = []
+    for r in range(new_world):
+        s = build_train_stream(cfg2, r, new_world)
+        s.load_state_dict(state)
+        rest += flat(labels_of(s, 0))
+    whole = flat(labels_of(build_train_stream(cfg, 0, 2), 0)) + flat(labels_of(build_train_stream(cfg, 1, 2), 0))
+    assert sorted(consumed + rest) == sorted(whole)  # every sample of the epoch exactly once
+
+
+def test_resume_twice_across_layouts(shards):
+    cfg = make_cfg(shards)
+    a = [build_train_stream(cfg, r, 2) for r in range(2)]
+    seen = flat(labels_of(a[0], 0, 2)) + flat(labels_of(a[1], 0, 2))
+    b = build_train_stream(make_cfg(shards, **{"data.workers": 1}), 0, 1)
+    b.load_state_dict(a[0].state_dict())
+    seen += flat(labels_of(b, 0, 4))  # leaves 32 samples: 4 batches on each of 2 ranks, no padding
+    c = [build_train_stream(cfg, r, 2) for r in range(2)]
+    for s in c:
+        s.load_state_dict(b.state_dict())
+    assert c[0].remaining_batches(0) == c[1].remaining_batches(0)
+    seen += flat(labels_of(c[0], 0)) + flat(labels_of(c[1], 0))
+    fresh = [build_train_stream(cfg, r, 2) for r in range(2)]
+    assert sorted(seen) == sorted(flat(labels_of(fresh[0], 0)) + flat(labels_of(fresh[1], 0)))
+
+
+def test_resampled_mode_and_resume(shards):
+    cfg = make_cfg(shards, **{"data.mode": "resampled", "data.samples_per_epoch": 40})
+    s = build_train_stream(cfg, 0, 1)
+    assert s.num_samples == 40 and s.batches_per_epoch == 10
+    full = labels_of(s, 3)
+    assert len(full) == 10
+    t = build_train_stream(cfg, 0, 1)
+    head = labels_of(t, 3, limit=4)
+    u = build_train_stream(cfg, 0, 1)
+    u.load_state_dict(t.state_dict())
+    assert head + labels_of(u, 3) == full
+
+
+def test_eval_stream_every_sample_once_no_drop(shards):
+    cfg = make_cfg(shards)
+    seen = []
+    for r in range(2):
+        for x, y in build_eval_stream(shards, cfg, r, 2):
+            assert x.dtype == torch.uint8 and x.shape[1:] == (3, 16, 16)
+            seen += y.tolist()
+    assert sorted(seen) == list(range(70))
+
+
+def test_memory_filesystem_and_glob_without_index():
+    root = "memory://wds-test"
+    write_shards(root, sizes=[6, 10])
+    fs = fsspec.filesystem("memory")
+    fs.rm("/wds-test/train.json")
+    idx = read_index(f"{root}/train-*.tar")
+    assert len(idx.shards) == 2 and idx.counts is None
+    cfg = make_cfg(f"{root}/train-{{000000..000001}}.tar", **{"data.batch_size": 2})
+    s = build_train_stream(cfg, 0, 1)  # counts from tar headers, workers read memory:// after fork
+    got = flat(labels_of(s, 0))
+    assert len(got) == 16 and len(set(got)) == 16 and s.num_classes == 0
+
+
+def bad_samples(i: int) -> dict:
+    good = {"png": png(i), "cls": str(i % 10).encode()}
+    return {
+        3: {"txt": b"hello", "cls": b"3"},                       # not an image
+        8: {"png": b"", "cls": b"8"},                            # zero-byte image
+        13: {"jpg": b"\xff\xd8\xff garbage", "cls": b"3"},       # undecodable
+        17: {"png": png(17)},                                    # label missing
+        21: {"png": png(21), "cls": b"99"},                      # label out of range
+    }.get(i, good)
+
+
+def test_bad_data_skipped_counted_and_fatal_past_fraction(tmp_path):
+    index = write_shards(str(tmp_path), sizes=[12, 12, 12], samples=bad_samples, num_classes=10)
+    last = tmp_path / "train-000002.tar"
+    data = last.read_bytes()
+    last.write_bytes(data[:len(data) // 2])  # truncated tar: about half of its 12 samples are gone
+    cfg = make_cfg(index, **{"data.max_bad_fraction": 0.5})
+    s = build_train_stream(cfg, 0, 1)
+    batches = list(s.iter_epoch(0))
+    assert len(batches) == s.batches_per_epoch == 9 and all(len(y) == 4 for _, y in batches)
+    bad = s.bad_counts()
+    assert {k: bad.get(k) for k in ("not_image", "empty_image", "undecodable", "label_missing",
+                                     "label_out_of_range")} == dict.fromkeys(
+        ("not_image", "empty_image", "undecodable", "label_missing", "label_out_of_range"), 1)
+    assert 4 <= bad["truncated"] <= 8
+    strict = build_train_stream(make_cfg(index, **{"data.max_bad_fraction": 0.0}), 0, 1)
+    with pytest.raises(UserError, match="max_bad_fraction"):
+        list(strict.iter_epoch(0))
+
+
+def test_unreachable_shard_reported_by_name(tmp_path, monkeypatch):
+    import pretrain.data.index as index_mod
+
+    monkeypatch.setattr(index_mod, "OPEN_BACKOFF_S", 0.01)
+    index = write_shards(str(tmp_path), sizes=[4, 4])
+    os.remove(tmp_path / "train-000001.tar")
+    s = build_train_stream(make_cfg(index, **{"data.workers": 0, "data.batch_size": 2}), 0, 1)
+    with pytest.raises(UserError, match="unreachable after 4 tries: .*train-000001.tar"):
+        list(s.iter_epoch(0))
+
+
+def test_state_from_other_shards_rejected(shards, tmp_path):
+    other = write_shards(str(tmp_path), sizes=[5, 5])
+    s = build_train_stream(make_cfg(other, **{"data.batch_size": 2}), 0, 1)
+    with pytest.raises(UserError, match="num_samples"):
+        s.load_state_dict(build_train_stream(make_cfg(shards), 0, 1).state_dict())
+
+
+def test_normalize_on_device():
+    x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    y = normalize(x, [0.5, 0.5, 0.5], [0.25, 0.5, 1.0])
+    assert y.dtype == torch.float32 and torch.allclose(y[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+
+
+def test_draft_decoding_matches_output_size(tmp_path):
+    """Large JPEGs take the reduced-size decode path and still give exact output sizes (train and eval)."""
+    from pretrain.data.transforms import Decoder
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8)).save(buf, "JPEG")
+    cfg = make_cfg("x")
+    for mode in ("train", "mae", "eval"):
+        out = Decoder(mode, 16, cfg.data)({"jpg": buf.getvalue(), "cls": b"1"})
+        assert out.shape == (16, 16, 3) and out.dtype == np.uint8
