@@ -136,6 +136,7 @@ class Trainer:
         self.last_good_tag = None
         if self.resume:
             self._load(*self.resume)
+            self.schedule = build_schedule(cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps)
         self.flops_per_image = 3.0 * self.module.flops_per_image()  # forward + backward
         self.peak = peak_flops(self.device)
         if self.world > 1:  # the stop flag travels on a CPU group: no device sync
@@ -179,6 +180,10 @@ class Trainer:
         self.epoch = int(client["epoch"])
         self.samples_seen = int(client["samples_seen"])
         self.skipped_total = int(client.get("skipped_total", 0))
+        if client["effective_batch"] != self.effective_batch and not self.cfg.optim.max_steps:
+            # another world size: the same number of samples as planned, in steps of the new batch
+            left = max(0, client["total_steps"] * client["effective_batch"] - self.samples_seen)
+            self.total_steps = self.step + math.ceil(left / self.effective_batch)
         per_rank = client["per_rank"]
         if len(per_rank) == self.world:
             self.stream.load_state_dict(per_rank[self.rank]["data"])
@@ -224,20 +229,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _batches(self):
-        """Endless (epoch, images, labels) from the current position; each epoch yields exactly
-        steps_per_epoch x accum micro-batches (a ragged tail smaller than one step is left unread)."""
-        per_epoch = self.steps_per_epoch * self.cfg.optim.accum_steps
-        done_in_epoch = (self.step - self.epoch * self.steps_per_epoch) * self.cfg.optim.accum_steps
+        """Endless micro-batches from the stream's current position. Each epoch yields a whole number
+        of optimizer steps (a tail smaller than one step is left unread; the stream drops it)."""
+        accum = self.cfg.optim.accum_steps
         while True:
+            left = self.stream.remaining_batches(self.epoch) // accum * accum
             it = iter(self.stream.iter_epoch(self.epoch))
-            for _ in range(per_epoch - done_in_epoch):
-                images, labels = next(it)
-                yield images, labels
-            close = getattr(it, "close", None)
-            if close:
-                close()
+            for _ in range(left):
+                yield next(it)
+            it.close()
             self.epoch += 1
-            done_in_epoch = 0
 
     def _prepare(self, images: torch.Tensor, labels: torch.Tensor):
         from pretrain.data import normalize
@@ -352,6 +353,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints, eval, images
     def _save(self) -> None:
         client = {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
+                  "total_steps": self.total_steps, "effective_batch": self.effective_batch,
                   "skipped_total": self.skipped_total, "config": to_yaml(self.cfg),
                   "data_state": self.stream.state_dict()}
         self.last_good_tag = ckpt.save(self.engine, self.ckpt_dir, self.step, client, rank=self.rank,

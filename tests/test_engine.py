@@ -1,0 +1,202 @@
+"""The training engine on one process: real DeepSpeed engines (CPU, gloo), real shards written by the
+real writer, real DataLoader workers, TensorBoard files read back."""
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.data.writer import write_shards
+from pretrain.engine import checkpoint as ckpt
+from pretrain.engine.ds import Precision, build_ds_config
+from pretrain.engine.schedule import build_schedule
+from pretrain.engine.trainer import NonFiniteError, train
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MAE = str(REPO / "configs/pretrain/mae_tiny_cpu.yaml")
+TINY_SUP = str(REPO / "configs/pretrain/supervised_tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    write_shards("synthetic:160", str(out), samples_per_shard=40, val_fraction=0.2)
+    return out
+
+
+def _cfg(path, shards, tmp_path, *extra):
+    return load_config(path, [f"data.train_urls={shards}/train.json", f"run.out_dir={tmp_path}", *extra])
+
+
+def _rows(run_dir):
+    """Last metrics row per step (a resumed run appends; redone steps overwrite)."""
+    rows = {}
+    for line in open(Path(run_dir) / "metrics.jsonl"):
+        r = json.loads(line)
+        if "loss" in r:
+            rows[r["step"]] = r
+    return rows
+
+
+def _tb(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+# ------------------------------------------------------------------------------------- pure parts
+
+def test_schedule_scales_warms_up_and_decays():
+    cfg = load_config(None, ["optim.lr_per_256=1e-3", "optim.warmup_steps=4", "optim.min_lr=1e-5"])
+    s = build_schedule(cfg.optim, effective_batch=512, steps_per_epoch=10, total_steps=20)
+    assert s.peak_lr == pytest.approx(2e-3)
+    assert [s(i) for i in range(4)] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3])
+    assert s(4) == pytest.approx(2e-3)
+    assert s(12) == pytest.approx(1e-5 + (2e-3 - 1e-5) * 0.5)
+    assert s(19) > s(20 - 1 + 100) == pytest.approx(1e-5)
+    warm_epochs = build_schedule(load_config(None, ["optim.warmup_epochs=1.5"]).optim, 256, 10, 100)
+    assert warm_epochs.warmup_steps == 15
+
+
+def test_ds_config_derives_batch_fields_and_merges_extra():
+    cfg = load_config(None, ["data.batch_size=16", "optim.accum_steps=4", "optim.grad_clip=1.0",
+                             "deepspeed.zero_stage=3", "deepspeed.offload_params=true",
+                             'deepspeed.extra={"zero_optimization": {"stage3_max_live_parameters": 7}, "foo": 1}'])
+    ds = build_ds_config(cfg, world_size=8, precision=Precision("fp32", None, torch.float32))
+    assert ds["train_batch_size"] == 16 * 4 * 8
+    assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 1.0
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_param"]["device"] == "cpu" and z["stage3_max_live_parameters"] == 7
+    assert ds["foo"] == 1 and ds["fp16"]["enabled"] is False
+
+
+def test_prune_keeps_the_newest_and_never_latest(tmp_path):
+    for step in (1, 2, 3, 4):
+        (tmp_path / ckpt.tag_of(step)).mkdir()
+    (tmp_path / "latest").write_text(ckpt.tag_of(3))  # step 4 is an incomplete save
+    ckpt.prune(str(tmp_path), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", ckpt.tag_of(2), ckpt.tag_of(3), ckpt.tag_of(4)]
+
+
+# ------------------------------------------------------------------------------------- real runs
+
+def test_supervised_run_writes_run_dir_and_learns(shards, tmp_path):
+    cfg = _cfg(TINY_SUP, shards, tmp_path, f"data.val_urls={shards}/val.json", "optim.max_steps=12",
+               "checkpoint.every_steps=4", "checkpoint.keep=2", "logging.images_every_steps=6")
+    result = train(cfg)
+    run = Path(result["run_dir"])
+    assert result["step"] == 12 and not result["stopped_early"]
+    model = json.loads((run / "model.json").read_text())
+    assert model["task"] == "supervised" and model["num_classes"] == 10
+    assert model["create_model"]["name"] == "vit_nano_patch4_16"
+    assert load_config(str(run / "config.yaml")) == cfg
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000012"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000008", "step_00000012"]
+    rows = _rows(run)
+    assert sorted(rows) == list(range(1, 13))
+    for key in ("epoch", "samples", "loss", "lr", "grad_norm", "images_per_sec", "data_wait", "flops_per_sec"):
+        assert key in rows[12], key
+    assert rows[12]["samples"] == 12 * cfg.data.batch_size
+    first = sum(rows[s]["loss"] for s in (1, 2, 3)) / 3
+    last = sum(rows[s]["loss"] for s in (10, 11, 12)) / 3
+    assert last < first
+    assert 0.0 <= result["val_top1"] <= 1.0 and result["val_n"] == 32
+    tb = _tb(run)
+    tags = tb.Tags()
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_sec", "val/top1", "val/top5"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in tb.Scalars("train/loss")] == list(range(1, 13))
+    assert "attention/last_block" in tags["images"]
+    img = tb.Images("attention/last_block")[-1]
+    assert img.step == 12 and img.width > 16 and img.height > 16
+
+
+def test_mae_run_logs_reconstructions(shards, tmp_path):
+    cfg = _cfg(TINY_MAE, shards, tmp_path, "optim.max_steps=6", "logging.images_every_steps=3",
+               "logging.every_steps=2")
+    result = train(cfg)
+    run = Path(result["run_dir"])
+    assert json.loads((run / "model.json").read_text())["create_model"]["num_classes"] == 0
+    assert sorted(_rows(run)) == [2, 4, 6]
+    tb = _tb(run)
+    images = tb.Tags()["images"]
+    assert "mae/input_masked_reconstruction" in images and "attention/last_block" in images
+    assert [e.step for e in tb.Images("mae/input_masked_reconstruction")] == [3, 6]
+    grid = tb.Images("mae/input_masked_reconstruction")[0]
+    assert grid.width > grid.height // 4  # rows of (input, masked, reconstruction)
+    sd = torch.load(run / "checkpoints/step_00000006/mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert "encoder.pos_embed" in sd and "decoder_embed.weight" in sd
+
+
+def _signal_at(monkeypatch, task_cls, micro_step, sig=signal.SIGTERM):
+    orig = task_cls.forward
+
+    def forward(self, images, targets=None, step=0):
+        if step == micro_step:
+            os.kill(os.getpid(), sig)
+        return orig(self, images, targets, step)
+
+    monkeypatch.setattr(task_cls, "forward", forward)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_checkpoints_and_resume_gives_identical_losses(shards, tmp_path, monkeypatch, sig):
+    """Interrupted after a checkpoint (signal at step 5 of 9, crossing an epoch), resumed: same losses."""
+    from pretrain.tasks.mae import MaeTask
+
+    common = ["optim.max_steps=9", "checkpoint.every_steps=3", "data.batch_size=16"]  # 8 steps per epoch
+    ref = train(_cfg(TINY_MAE, shards, tmp_path, "run.name=ref", *common))
+    with monkeypatch.context() as m:
+        _signal_at(m, MaeTask, micro_step=4, sig=sig)
+        cut = train(_cfg(TINY_MAE, shards, tmp_path, "run.name=cut", *common))
+    assert cut["stopped_early"] and cut["step"] == 5
+    ck = tmp_path / "cut/checkpoints"
+    assert ckpt.read_latest(str(ck)) == "step_00000005"
+    assert ckpt.read_meta(str(ck), "step_00000005")["step"] == 5
+    resumed = train(_cfg(TINY_MAE, shards, tmp_path, "run.name=cut", *common))
+    assert resumed["step"] == 9 and not resumed["stopped_early"] and resumed["epoch"] == 1
+    a, b = _rows(tmp_path / "ref"), _rows(tmp_path / "cut")
+    assert sorted(a) == sorted(b) == list(range(1, 10))
+    for s in a:
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-6, abs=1e-7), s
+        assert b[s]["lr"] == pytest.approx(a[s]["lr"])
+
+
+def test_nonfinite_steps_are_skipped_counted_then_stop(shards, tmp_path, monkeypatch):
+    from pretrain.tasks.supervised import SupervisedTask
+
+    orig = SupervisedTask.forward
+
+    def forward(self, images, targets=None, step=0):
+        loss, metrics = orig(self, images, targets, step)
+        return (loss * float("nan"), metrics) if step in (2, 3) else (loss, metrics)
+
+    monkeypatch.setattr(SupervisedTask, "forward", forward)
+    cfg = _cfg(TINY_SUP, shards, tmp_path, "optim.max_steps=6", "checkpoint.every_steps=2")
+    result = train(cfg)
+    assert result["skipped_steps"] == 2 and result["step"] == 6
+    rows = _rows(Path(result["run_dir"]))
+    assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 0, 0]
+    assert rows[3]["loss"] is None and rows[5]["loss"] is not None
+    # weights stayed finite: the skipped steps made no update
+    sd = torch.load(Path(result["run_dir"]) / "checkpoints/step_00000006/mp_rank_00_model_states.pt",
+                    weights_only=False)["module"]
+    assert all(torch.isfinite(v).all() for v in sd.values())
+
+    def always_nan(self, images, targets=None, step=0):
+        loss, metrics = orig(self, images, targets, step)
+        return (loss * float("nan"), metrics) if step >= 2 else (loss, metrics)
+
+    monkeypatch.setattr(SupervisedTask, "forward", always_nan)
+    for stage in (0, 2):
+        cfg = _cfg(TINY_SUP, shards, tmp_path, f"run.name=nan{stage}", "optim.max_steps=20",
+                   "checkpoint.every_steps=2", "optim.max_nonfinite_steps=3", f"deepspeed.zero_stage={stage}")
+        with pytest.raises(NonFiniteError, match=r"3 consecutive .* step 5; last good checkpoint: .*step_00000004"):
+            train(cfg)
