@@ -88,7 +88,8 @@ def _decode_one(entry, decoder: Decoder, num_classes: int, bad: Counter):
 
 
 def _to_batch(images: list[np.ndarray], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W) uint8
+    # (B, C, H, W) uint8 view of (B, H, W, C) memory (torch's channels_last): no transposing copy here
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     return x, torch.tensor(labels, dtype=torch.int64)
 
 

@@ -23,6 +23,11 @@ import pretrain._compat  # noqa: F401  makes timm importable on a CPU-only torch
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 
 
+def _rgb(img: Image.Image) -> Image.Image:
+    img.load()  # decode (at the draft scale, if one was set)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 class BadSample(Exception):
     """A sample that is skipped and counted; args[0] is its kind."""
 
@@ -48,10 +53,11 @@ class Decoder:
             primary, secondary, final = create_transform(
                 img_size, is_training=True, scale=self.scale, hflip=data_cfg.hflip,
                 color_jitter=data_cfg.color_jitter or None, auto_augment=data_cfg.auto_augment or None,
-                interpolation="bicubic", re_prob=data_cfg.reprob, re_mode="pixel", mean=self.mean, std=self.std,
+                interpolation="bilinear", re_prob=data_cfg.reprob, re_mode="pixel", mean=self.mean, std=self.std,
                 use_prefetcher=True, separate=True)
             rrc = next(t for t in primary.transforms if isinstance(t, RandomResizedCropAndInterpolation))
             self.scale, self.ratio = tuple(rrc.scale), tuple(rrc.ratio)
+            self.interp = Image.Resampling.BILINEAR  # timm's default for supervised training
             self.secondary = secondary if len(secondary.transforms) else None
             if data_cfg.reprob > 0:
                 self.erase = RandomErasing(data_cfg.reprob, mode="pixel", device="cpu")
@@ -74,7 +80,7 @@ class Decoder:
 
         top, left, h, w = RandomResizedCropAndInterpolation.get_params(img, self.scale, self.ratio)
         sx, sy = self._reduce(img, w, h, self.size)
-        img = img.convert("RGB")
+        img = _rgb(img)
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         img = img.resize((self.size, self.size), self.interp, box=box)
         if random.random() < self.hflip:
@@ -86,7 +92,7 @@ class Decoder:
         scale_size = math.floor(self.size / self.crop_pct)
         crop = self.size * min(w, h) / scale_size  # the centre crop's side in source pixels
         sx, sy = self._reduce(img, crop, crop, self.size)
-        img = img.convert("RGB")
+        img = _rgb(img)
         cx, cy = w / 2, h / 2
         box = ((cx - crop / 2) * sx, (cy - crop / 2) * sy, (cx + crop / 2) * sx, (cy + crop / 2) * sy)
         return img.resize((self.size, self.size), self.interp, box=box)

@@ -1,0 +1,131 @@
+"""`vit-pretrain bench loader`: decode + augment the same JPEGs two ways, in one run.
+
+Ours: the train stream (supervised transforms: RandomResizedCrop + flip, uint8 batches, normalised
+afterwards in the main process as the trainer does on its device) reading tar shards. Baseline:
+torchvision `ImageFolder` + RandomResizedCrop / flip / ToTensor / Normalize in a DataLoader with the same
+workers, batch and output size. Also a single-core decode-only ceiling (PIL full decode to RGB).
+Images: real photographs that ship in scikit-image, cropped and re-encoded at ImageNet-like sizes
+(500x375 or 375x500, JPEG quality 90).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+          "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "camera.png", "grass.png",
+          "gravel.png", "brick.png"]  # files in the scikit-image wheel's skimage/data folder
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("loader")
+    g.add_argument("--loader-images", type=int, default=768, help="JPEGs to decode per pass")
+    g.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers (both pipelines)")
+    g.add_argument("--loader-batch", type=int, default=64, help="batch size (both pipelines)")
+    g.add_argument("--loader-size", type=int, default=224, help="output side in pixels (both pipelines)")
+    g.add_argument("--loader-passes", type=int, default=2, help="timed passes per pipeline (best kept)")
+    g.add_argument("--loader-dir", default="", help="keep the generated photos and shards here")
+
+
+def make_photos(root: str, n: int, seed: int = 0) -> str:
+    """An ImageFolder (class = source photo) of n JPEGs, 500x375 or 375x500, quality 90."""
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    data_dir = os.path.dirname(skimage.data.__file__)
+    srcs = [(name.split(".")[0], Image.open(os.path.join(data_dir, name)).convert("RGB")) for name in PHOTOS]
+    for i in range(n):
+        name, img = srcs[i % len(srcs)]
+        w, h = img.size
+        frac = rng.uniform(0.5, 1.0)
+        cw, ch = int(w * frac), int(h * frac)
+        x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+        size = (500, 375) if rng.random() < 0.7 else (375, 500)
+        out = img.crop((x, y, x + cw, y + ch)).resize(size, Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        os.makedirs(f"{root}/{name}", exist_ok=True)
+        out.save(f"{root}/{name}/{i:05d}.jpg", "JPEG", quality=90)
+    return root
+
+
+def _time_ours(index: str, args) -> float:
+    from pretrain.config import load_config
+    from pretrain.data import build_train_stream, normalize
+
+    cfg = load_config(None, [f"data.train_urls={index}", f"data.batch_size={args.loader_batch}",
+                             f"data.workers={args.loader_workers}", f"model.img_size={args.loader_size}",
+                             "model.arch=vit_tiny_patch16_224", "task.kind=supervised", "data.shuffle_block=256"])
+    stream = build_train_stream(cfg, 0, 1)
+    t0, n = time.perf_counter(), 0
+    for x, _ in stream.iter_epoch(0):
+        normalize(x, cfg.data.mean, cfg.data.std)  # the device-side step, here on the CPU
+        n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+def _time_torchvision(folder: str, args) -> float:
+    import pretrain._compat  # noqa: F401
+    import torch
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(args.loader_size), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(),
+                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    ds = datasets.ImageFolder(folder, transform=tf)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.loader_batch, shuffle=True, drop_last=True,
+                                         num_workers=args.loader_workers)
+    t0, n = time.perf_counter(), 0
+    for x, _ in loader:
+        n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+def _decode_ceiling(folder: str, limit: int = 200) -> float:
+    from PIL import Image
+
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".jpg"))[:limit]
+    blobs = [open(f, "rb").read() for f in files]
+    import io
+
+    t0 = time.perf_counter()
+    for b in blobs:
+        Image.open(io.BytesIO(b)).convert("RGB")
+    return len(blobs) / (time.perf_counter() - t0)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from pretrain.data.writer import write_shards
+
+    n = 256 if args.quick else args.loader_images
+    passes = 1 if args.quick else args.loader_passes
+    tmp = None
+    root = args.loader_dir
+    if not root:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-loader-")
+        root = tmp.name
+    folder, shards = f"{root}/photos", f"{root}/shards"
+    if not os.path.isdir(folder):
+        make_photos(folder, n)
+    if not os.path.exists(f"{shards}/train.json"):
+        write_shards(folder, shards, samples_per_shard=max(32, n // 8))
+    ours, base = 0.0, 0.0
+    for _ in range(passes):  # alternate, keep the best of each: the machine may be shared
+        base = max(base, _time_torchvision(folder, args))
+        ours = max(ours, _time_ours(f"{shards}/train.json", args))
+    ceiling = _decode_ceiling(folder)
+    if tmp is not None:
+        tmp.cleanup()
+    ratio = ours / base
+    print(f"loader: ours {ours:.1f} img/s, torchvision {base:.1f} img/s, ratio {ratio:.2f}; "
+          f"single-core decode-only ceiling {ceiling:.1f} img/s ({args.loader_workers} workers, "
+          f"{args.loader_size}px, {n} JPEGs ~500x375 q90)", file=sys.stderr)
+    return {"name": "loader", "ours": ours, "baseline": base, "unit": "images/s", "ratio": ratio,
+            "goal": 1.5, "met": ratio >= 1.5, "decode_only_1core": ceiling, "workers": args.loader_workers,
+            "size": args.loader_size, "images": n, "batch": args.loader_batch}
