@@ -1,0 +1,152 @@
+"""The engine through its real launch paths: 2 processes under torchrun (ZeRO 2 and 3, gloo), a 2-process
+checkpoint resumed on 1 process (universal checkpoint), and the `vit-pretrain train` CLI's exit codes.
+Run as a script, this file is the torchrun worker."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = {"supervised": REPO / "configs/pretrain/supervised_tiny_cpu.yaml",
+           "mae": REPO / "configs/pretrain/mae_tiny_cpu.yaml"}
+pytestmark = pytest.mark.slow
+
+
+def worker(config: str, overrides: list[str]) -> None:
+    """Train, then write a digest of the full parameters seen by this rank."""
+    import threading
+
+    import torch
+    from pretrain import dist as pdist
+    from pretrain.config import load_config
+    from pretrain.engine.trainer import Trainer
+
+    cfg = load_config(config, overrides)
+    env = pdist.setup()
+    trainer = Trainer(cfg, env, threading.Event())
+    trainer.fit()
+    params = list(trainer.module.parameters())
+    if trainer.zero3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(params)
+    else:
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+    with ctx:
+        flat = torch.cat([p.detach().float().flatten() for p in params])
+        digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+        out = {"digest": digest, "numel": flat.numel(), "abs_sum": flat.abs().sum().item()}
+    Path(trainer.run_dir, f"params_rank{env.rank}.json").write_text(json.dumps(out))
+    pdist.teardown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from pretrain.data.writer import write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    write_shards("synthetic:192", str(out), samples_per_shard=48)
+    return out
+
+
+def _rows(run_dir):
+    rows = {}
+    for line in open(Path(run_dir) / "metrics.jsonl"):
+        r = json.loads(line)
+        if "loss" in r:
+            rows[r["step"]] = r
+    return rows
+
+
+def _torchrun(kind, stage, shards, out, steps=10):
+    overrides = [f"data.train_urls={shards}/train.json", f"run.out_dir={out}", f"run.name={kind}{stage}",
+                 f"deepspeed.zero_stage={stage}", f"optim.max_steps={steps}", "checkpoint.every_steps=5"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), __file__, str(CONFIGS[kind]), *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(out) / f"{kind}{stage}"
+
+
+@pytest.fixture(scope="module")
+def two_proc_runs(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return {(kind, stage): _torchrun(kind, stage, shards, out) for kind, stage in (("supervised", 2), ("mae", 3))}
+
+
+@pytest.mark.parametrize("kind,stage", [("supervised", 2), ("mae", 3)])
+def test_two_processes_identical_params_and_loss_goes_down(two_proc_runs, kind, stage):
+    run = two_proc_runs[(kind, stage)]
+    p0 = json.loads((run / "params_rank0.json").read_text())
+    p1 = json.loads((run / "params_rank1.json").read_text())
+    assert p0 == p1 and p0["numel"] > 0
+    rows = _rows(run)
+    assert sorted(rows) == list(range(1, 11))
+    assert rows[10]["samples"] == 10 * 2 * 8  # micro 8 x 2 ranks
+    derived = json.loads((run / "derived.json").read_text())
+    assert derived["world_size"] == 2 and derived["zero_stage"] == stage and derived["effective_batch"] == 16
+    first = sum(rows[s]["loss"] for s in (1, 2, 3)) / 3
+    last = sum(rows[s]["loss"] for s in (8, 9, 10)) / 3
+    assert last < first, (first, last)
+    assert (run / "checkpoints/latest").read_text().strip() == "step_00000010"
+
+
+@pytest.mark.parametrize("kind,stage", [("supervised", 2), ("mae", 3)])
+def test_two_process_checkpoint_resumes_on_one_process(two_proc_runs, shards, kind, stage):
+    run = two_proc_runs[(kind, stage)]
+    proc = run_cli("train", str(CONFIGS[kind]), f"data.train_urls={shards}/train.json",
+                   f"run.out_dir={run.parent}", f"run.name={run.name}", f"deepspeed.zero_stage={stage}",
+                   "optim.max_steps=13", "checkpoint.every_steps=5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step_00000010_universal" in proc.stderr
+    rows = _rows(run)
+    assert sorted(rows) == list(range(1, 14))
+    assert rows[13]["samples"] == 10 * 16 + 3 * 8  # the new world size's batches after step 10
+    assert all(rows[s]["loss"] is not None and rows[s]["loss"] < rows[1]["loss"] * 1.5 for s in (11, 12, 13))
+    assert json.loads((run / "derived.json").read_text())["world_size"] == 1
+    assert (run / "checkpoints/latest").read_text().strip() == "step_00000013"
+
+
+def test_cli_sigterm_checkpoints_and_exits_75_then_resumes(shards, tmp_path):
+    args = [sys.executable, "-m", "pretrain", "train", str(CONFIGS["supervised"]),
+            f"data.train_urls={shards}/train.json", f"run.out_dir={tmp_path}", "run.name=pre",
+            "optim.max_steps=100000", "checkpoint.every_steps=0"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "pre/metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    latest = (tmp_path / "pre/checkpoints/latest").read_text().strip()
+    step = int(latest.removeprefix("step_"))
+    assert step >= 3
+    again = run_cli("train", str(CONFIGS["supervised"]), f"data.train_urls={shards}/train.json",
+                    f"run.out_dir={tmp_path}", "run.name=pre", f"optim.max_steps={step + 2}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {tmp_path}/pre/checkpoints/{latest} at step {step}" in again.stderr
+    assert max(_rows(tmp_path / "pre")) == step + 2
+
+
+def test_cli_user_errors_exit_2(shards, tmp_path):
+    bad = run_cli("train", str(CONFIGS["mae"]), f"data.train_urls={tmp_path}/none-*.tar", f"run.out_dir={tmp_path}")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+    resume = run_cli("train", str(CONFIGS["mae"]), f"data.train_urls={shards}/train.json", f"run.out_dir={tmp_path}",
+                     f"checkpoint.resume={tmp_path}/nowhere")
+    assert resume.returncode == 2 and "checkpoint.resume" in resume.stderr
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2:])
