@@ -1,0 +1,31 @@
+"""Interleaved timing: ours and the baseline alternate in the same process, so drift, thermal state and
+other load hit both alike; medians over rounds resist the odd slow round."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def interleaved(contenders: dict[str, Callable[[], None]], rounds: int, warmup: int = 1,
+                sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Call each contender `warmup` times, then `rounds` times in alternating order; seconds per call."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+            sync()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]  # ABBA: neither always goes first
+        for name in order:
+            sync()
+            t0 = time.perf_counter()
+            contenders[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
