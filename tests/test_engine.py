@@ -200,3 +200,42 @@ def test_nonfinite_steps_are_skipped_counted_then_stop(shards, tmp_path, monkeyp
                    "checkpoint.every_steps=2", "optim.max_nonfinite_steps=3", f"deepspeed.zero_stage={stage}")
         with pytest.raises(NonFiniteError, match=r"3 consecutive .* step 5; last good checkpoint: .*step_00000004"):
             train(cfg)
+
+
+@pytest.mark.parametrize("path,extra", [
+    (TINY_MAE, ["deepspeed.precision=bf16", "model.grad_checkpointing=true", "model.pos_embed=sincos"]),
+    (TINY_MAE, ["optim.accum_steps=2", "deepspeed.zero_stage=3", "optim.grad_clip=1.0"]),
+    (TINY_SUP, ["task.mixup_alpha=0.8", "task.cutmix_alpha=1.0", "deepspeed.zero_stage=1", "data.workers=0"]),
+    (TINY_SUP, ["deepspeed.zero_stage=0", "optim.accum_steps=2", "model.drop_path_rate=0.1"]),
+])
+def test_engine_variants_train(shards, tmp_path, path, extra):
+    cfg = _cfg(path, shards, tmp_path, "optim.max_steps=4", "checkpoint.every_steps=0", *extra)
+    result = train(cfg)
+    rows = _rows(result["run_dir"])
+    assert sorted(rows) == [1, 2, 3, 4] and result["skipped_steps"] == 0
+    assert all(r["loss"] is not None and r["grad_norm"] is not None for r in rows.values())
+    assert rows[4]["samples"] == 4 * cfg.data.batch_size * cfg.optim.accum_steps
+    derived = json.loads((Path(result["run_dir"]) / "derived.json").read_text())
+    assert derived["effective_batch"] == cfg.data.batch_size * cfg.optim.accum_steps
+    assert derived["peak_lr"] == pytest.approx(cfg.optim.lr_per_256 * derived["effective_batch"] / 256)
+    assert (Path(result["run_dir"]) / "checkpoints/latest").read_text().strip() == "step_00000004"
+
+
+def test_recipes_hold_the_papers_values():
+    mae_b = load_config(str(REPO / "configs/pretrain/mae_vit_base_patch16.yaml"))
+    mae_l = load_config(str(REPO / "configs/pretrain/mae_vit_large_patch16.yaml"))
+    deit = load_config(str(REPO / "configs/pretrain/supervised_vit_base_patch16_deit.yaml"))
+    for c in (mae_b, mae_l):
+        assert c.task.kind == "mae" and c.mae.mask_ratio == 0.75 and c.mae.norm_pix_loss
+        assert (c.mae.decoder_depth, c.mae.decoder_embed_dim) == (8, 512)
+        assert c.optim.lr_per_256 == 1.5e-4 and c.optim.betas == [0.9, 0.95] and c.optim.warmup_epochs == 40
+        assert c.data.crop_scale == [0.2, 1.0]
+    assert mae_b.model.arch == "vit_base_patch16_224" and mae_l.model.arch == "vit_large_patch16_224"
+    assert mae_l.data.batch_size * mae_l.optim.accum_steps * 32 == 4096
+    assert deit.optim.lr_per_256 * 1024 / 256 == pytest.approx(1e-3)  # 5e-4 per 512 at batch 1024
+    assert (deit.task.mixup_alpha, deit.task.cutmix_alpha, deit.data.reprob) == (0.8, 1.0, 0.25)
+    # experiment files hold only what differs from the defaults
+    import yaml
+    for f in (REPO / "configs/pretrain").glob("*.yaml"):
+        tree = yaml.safe_load(f.read_text())
+        assert tree["_base_"] in ("../default.yaml", "mae_vit_base_patch16.yaml"), f

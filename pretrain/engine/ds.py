@@ -91,7 +91,8 @@ def guarded(optimizer_cls):
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if grads:
                 norms = torch._foreach_norm(grads)  # one device reduction, one host read per step
-                self.overflow = not bool(torch.isfinite(torch.stack(norms)).all())
+                self._global_grad_norm = torch.linalg.vector_norm(torch.stack(norms))  # DeepSpeed logs it
+                self.overflow = not bool(torch.isfinite(self._global_grad_norm))
             if self.overflow:
                 return None
             return super().step(closure)
