@@ -353,6 +353,7 @@ def build_eval_stream(urls, cfg, rank: int, world_size: int) -> EvalStream:
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (B, C, H, W) on the device -> float32 normalised with per-channel mean/std (given in 0..1)."""
-    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255
-    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255
-    return (images.float() - m) / s
+    inv = 1.0 / (torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255)
+    shift = -torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) / \
+        torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return images.float().mul_(inv).add_(shift)  # x / (255 std) - mean / std, in place on one new tensor

@@ -5,35 +5,90 @@ use_prefetcher=True)`) supplies the RandomResizedCrop parameters, the flip proba
 colour-jitter stage and random erasing. MAE and linear probing: RandomResizedCrop (bicubic) + flip, as
 in the MAE recipe. Eval: resize to img_size / crop_pct, centre crop.
 
-The crop itself is hand-written because neither timm nor torchvision can decode a JPEG at reduced size:
-the crop box is drawn from the header's size, then PIL's draft mode decodes at 1/2, 1/4 or 1/8 scale
-whenever the crop would still be at least the output size, and one `resize(box=...)` crops and scales.
+The crop + resize is hand-written because neither timm nor torchvision decodes as little as the crop
+allows: the crop box is drawn from the size in the file's header (timm's sampler), the JPEG is decoded
+at 1/2, 1/4 or 1/8 scale (DCT scaling) whenever the crop still keeps the output size, and the resize runs
+on the uint8 pixels with torch's antialiased kernel (vectorised for uint8 channels-last; ~5x faster than
+PIL's resize here, same result to rounding). simplejpeg (libjpeg-turbo) decodes when installed, PIL
+otherwise.
 """
 from __future__ import annotations
 
 import io
 import math
 import random
+import warnings
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import pretrain._compat  # noqa: F401  makes timm importable on a CPU-only torch
 
+try:
+    import simplejpeg as _simplejpeg
+except ImportError:  # optional speed-up (`pip install simplejpeg`); PIL decodes without it
+    _simplejpeg = None
+
+# PIL hands out read-only pixel arrays; we only read them (the crop below copies), so torch's notice is noise
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
-
-
-def _rgb(img: Image.Image) -> Image.Image:
-    img.load()  # decode (at the draft scale, if one was set)
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class BadSample(Exception):
     """A sample that is skipped and counted; args[0] is its kind."""
 
 
+def _scale_for(crop_w: float, crop_h: float, out: int) -> int:
+    """Largest DCT reduction (8, 4, 2 or 1) that keeps at least `out` px on the crop's shorter side."""
+    return next((f for f in (8, 4, 2) if min(crop_w, crop_h) / f >= out), 1)
+
+
+def decode_for_crop(data: bytes, box_of, out: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """(RGB uint8 (h, w, 3) decoded at a reduced scale where allowed, crop box in those pixels).
+
+    `box_of(w, h) -> (left, top, width, height)` chooses the crop in full-size pixels from the header.
+    """
+    if _simplejpeg is not None and data[:2] == b"\xff\xd8":
+        try:
+            h, w, _, _ = _simplejpeg.decode_jpeg_header(data)
+            left, top, cw, ch = box_of(w, h)
+            f = _scale_for(cw, ch, out)
+            arr = _simplejpeg.decode_jpeg(data, "RGB", min_height=math.ceil(h / f), min_width=math.ceil(w / f))
+            sx, sy = arr.shape[1] / w, arr.shape[0] / h
+            return arr, (left * sx, top * sy, cw * sx, ch * sy)
+        except ValueError:
+            pass  # CMYK, unusual or corrupt JPEGs: PIL decides below
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    left, top, cw, ch = box_of(w, h)
+    f = _scale_for(cw, ch, out)
+    if img.format == "JPEG" and f > 1:
+        img.draft("RGB", (math.ceil(w / f), math.ceil(h / f)))
+    img.load()
+    sx, sy = img.size[0] / w, img.size[1] / h
+    arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    return arr, (left * sx, top * sy, cw * sx, ch * sy)
+
+
+def crop_resize(arr: np.ndarray, box, out: int, mode: str, flip: bool = False) -> np.ndarray:
+    """Crop `box` (left, top, w, h) of (H, W, 3) uint8 and resize to (out, out, 3) with antialiasing."""
+    left, top, cw, ch = box
+    x0, y0 = max(0, int(round(left))), max(0, int(round(top)))
+    x1 = min(arr.shape[1], max(x0 + 1, int(round(left + cw))))
+    y1 = min(arr.shape[0], max(y0 + 1, int(round(top + ch))))
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None, :, y0:y1, x0:x1]  # (1, 3, h, w) view of HWC memory
+    x = x.contiguous(memory_format=torch.channels_last)  # the vectorised uint8 kernel wants channels-last
+    x = F.interpolate(x, size=(out, out), mode=mode, antialias=True, align_corners=False)
+    if flip:
+        x = x.flip(-1)
+    return x[0].permute(1, 2, 0).numpy()  # (out, out, 3), HWC memory: no copy
+
+
 class Decoder:
-    """Picklable per-sample decoder; `mode` is 'train', 'mae' or 'eval'."""
+    """Picklable per-sample decoder; `mode` is 'train' (timm factory), 'mae' (crop + flip) or 'eval'."""
 
     def __init__(self, mode: str, img_size: int, data_cfg):
         from timm.data import create_transform
@@ -46,58 +101,34 @@ class Decoder:
         self.scale = tuple(data_cfg.crop_scale)
         self.ratio = (3 / 4, 4 / 3)
         self.hflip = data_cfg.hflip
-        self.interp = Image.Resampling.BICUBIC
+        self.interp = "bicubic"  # MAE recipe and timm's eval default
         self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
         self.crop_pct = data_cfg.eval_crop_pct
         if mode == "train":
-            primary, secondary, final = create_transform(
+            primary, secondary, _ = create_transform(
                 img_size, is_training=True, scale=self.scale, hflip=data_cfg.hflip,
                 color_jitter=data_cfg.color_jitter or None, auto_augment=data_cfg.auto_augment or None,
-                interpolation="bilinear", re_prob=data_cfg.reprob, re_mode="pixel", mean=self.mean, std=self.std,
-                use_prefetcher=True, separate=True)
+                interpolation="bilinear", re_prob=data_cfg.reprob, re_mode="pixel", mean=self.mean,
+                std=self.std, use_prefetcher=True, separate=True)
             rrc = next(t for t in primary.transforms if isinstance(t, RandomResizedCropAndInterpolation))
             self.scale, self.ratio = tuple(rrc.scale), tuple(rrc.ratio)
-            self.interp = Image.Resampling.BILINEAR  # timm's default for supervised training
+            self.interp = "bilinear"  # timm's default for supervised training
             self.secondary = secondary if len(secondary.transforms) else None
             if data_cfg.reprob > 0:
                 self.erase = RandomErasing(data_cfg.reprob, mode="pixel", device="cpu")
 
-    # -- crops ---------------------------------------------------------------------------------
-    @staticmethod
-    def _reduce(img: Image.Image, crop_w: float, crop_h: float, out: int) -> tuple[float, float]:
-        """Draft-decode a JPEG at 1/f scale if the crop keeps >= `out` px per side; returns (sx, sy)."""
-        if img.format != "JPEG":
-            return 1.0, 1.0
-        w, h = img.size
-        f = next((f for f in (8, 4, 2) if min(crop_w, crop_h) / f >= out), 1)
-        if f == 1:
-            return 1.0, 1.0
-        img.draft("RGB", (math.ceil(w / f), math.ceil(h / f)))
-        return img.size[0] / w, img.size[1] / h
-
-    def _random_crop(self, img: Image.Image) -> Image.Image:
+    def _random_box(self, w: int, h: int) -> tuple[float, float, float, float]:
         from timm.data.transforms import RandomResizedCropAndInterpolation
 
-        top, left, h, w = RandomResizedCropAndInterpolation.get_params(img, self.scale, self.ratio)
-        sx, sy = self._reduce(img, w, h, self.size)
-        img = _rgb(img)
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        img = img.resize((self.size, self.size), self.interp, box=box)
-        if random.random() < self.hflip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return img
+        # timm's sampler reads only the size: an empty (0, h, w) tensor carries it without pixels
+        top, left, ch, cw = RandomResizedCropAndInterpolation.get_params(torch.empty((0, h, w)), self.scale,
+                                                                         self.ratio)
+        return left, top, cw, ch
 
-    def _center_crop(self, img: Image.Image) -> Image.Image:
-        w, h = img.size
-        scale_size = math.floor(self.size / self.crop_pct)
-        crop = self.size * min(w, h) / scale_size  # the centre crop's side in source pixels
-        sx, sy = self._reduce(img, crop, crop, self.size)
-        img = _rgb(img)
-        cx, cy = w / 2, h / 2
-        box = ((cx - crop / 2) * sx, (cy - crop / 2) * sy, (cx + crop / 2) * sx, (cy + crop / 2) * sy)
-        return img.resize((self.size, self.size), self.interp, box=box)
+    def _center_box(self, w: int, h: int) -> tuple[float, float, float, float]:
+        crop = self.size * min(w, h) / math.floor(self.size / self.crop_pct)  # = resize, then centre crop
+        return (w - crop) / 2, (h - crop) / 2, crop, crop
 
-    # -- one sample ----------------------------------------------------------------------------
     def __call__(self, sample: dict) -> np.ndarray:
         """(H, W, 3) uint8; raises BadSample(kind) for a sample to skip."""
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
@@ -108,24 +139,22 @@ class Decoder:
             raise BadSample("truncated")
         if len(data) == 0:
             raise BadSample("empty_image")
+        train = self.mode != "eval"
         try:
-            img = Image.open(io.BytesIO(data))
-            img = self._center_crop(img) if self.mode == "eval" else self._random_crop(img)
-            if self.secondary is not None:
-                img = self.secondary(img)
-        except Exception:  # noqa: BLE001  PIL raises many types for corrupt or truncated files
+            arr, box = decode_for_crop(data, self._random_box if train else self._center_box, self.size)
+        except Exception:  # noqa: BLE001  decoders raise many types for corrupt or truncated files
             raise BadSample("undecodable") from None
-        arr = np.asarray(img, dtype=np.uint8)
+        arr = crop_resize(arr, box, self.size, self.interp, flip=train and random.random() < self.hflip)
+        if self.secondary is not None:
+            arr = np.asarray(self.secondary(Image.fromarray(arr)))
         if self.erase is not None:
             arr = self._random_erase(arr)
         return arr
 
     def _random_erase(self, arr: np.ndarray) -> np.ndarray:
         """timm's RandomErasing works on normalised floats: normalise, erase, map back to uint8."""
-        import torch
-
         mean = torch.tensor(self.mean).view(3, 1, 1) * 255
         std = torch.tensor(self.std).view(3, 1, 1) * 255
-        x = (torch.from_numpy(arr).permute(2, 0, 1).float() - mean) / std
+        x = (torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() - mean) / std
         x = self.erase(x) * std + mean
         return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
