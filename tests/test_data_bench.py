@@ -1,0 +1,17 @@
+"""`vit-pretrain bench loader --quick` through the real CLI: both pipelines run and the JSON is complete."""
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_loader_quick(cli, tmp_path):
+    out = tmp_path / "bench.json"
+    r = cli("bench", "loader", "--quick", "--json", str(out), "--loader-size", "64", "--loader-batch", "16",
+            "--loader-dir", str(tmp_path / "work"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (res,) = json.loads(out.read_text())
+    assert res["name"] == "loader" and res["unit"] == "images/s" and res["goal"] == 1.5
+    assert res["ours"] > 0 and res["baseline"] > 0 and res["decode_only_1core"] > 0
+    assert abs(res["ratio"] - res["ours"] / res["baseline"]) < 1e-9 and res["met"] == (res["ratio"] >= 1.5)
+    assert len(list((tmp_path / "work" / "photos").rglob("*.jpg"))) == 256
