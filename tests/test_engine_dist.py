@@ -55,7 +55,7 @@ def shards(tmp_path_factory):
     from pretrain.data.writer import write_shards
 
     out = tmp_path_factory.mktemp("shards")
-    write_shards("synthetic:192", str(out), samples_per_shard=48)
+    write_shards("synthetic:200", str(out), samples_per_shard=48, val_fraction=0.2)
     return out
 
 
@@ -68,9 +68,15 @@ def _rows(run_dir):
     return rows
 
 
-def _torchrun(kind, stage, shards, out, steps=10):
+STEPS = {"supervised": 20, "mae": 10}  # a tiny classifier needs ~20 steps before its loss clearly falls
+
+
+def _torchrun(kind, stage, shards, out):
+    steps = STEPS[kind]
     overrides = [f"data.train_urls={shards}/train.json", f"run.out_dir={out}", f"run.name={kind}{stage}",
                  f"deepspeed.zero_stage={stage}", f"optim.max_steps={steps}", "checkpoint.every_steps=5"]
+    if kind == "supervised":  # top-1/top-5 on validation shards, the ranks holding unequal batch counts
+        overrides += [f"data.val_urls={shards}/val.json", "eval.every_steps=5"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), __file__, str(CONFIGS[kind]), *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -82,40 +88,48 @@ def _torchrun(kind, stage, shards, out, steps=10):
 @pytest.fixture(scope="module")
 def two_proc_runs(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    return {(kind, stage): _torchrun(kind, stage, shards, out) for kind, stage in (("supervised", 2), ("mae", 3))}
+    return {(kind, stage): _torchrun(kind, stage, shards, out) for kind, stage in RUNS}
 
 
-@pytest.mark.parametrize("kind,stage", [("supervised", 2), ("mae", 3)])
+RUNS = [("supervised", 2), ("mae", 3), ("supervised", 3)]
+
+
+@pytest.mark.parametrize("kind,stage", RUNS)
 def test_two_processes_identical_params_and_loss_goes_down(two_proc_runs, kind, stage):
     run = two_proc_runs[(kind, stage)]
     p0 = json.loads((run / "params_rank0.json").read_text())
     p1 = json.loads((run / "params_rank1.json").read_text())
     assert p0 == p1 and p0["numel"] > 0
     rows = _rows(run)
-    assert sorted(rows) == list(range(1, 11))
-    assert rows[10]["samples"] == 10 * 2 * 8  # micro 8 x 2 ranks
+    n = STEPS[kind]
+    assert sorted(rows) == list(range(1, n + 1))
+    assert rows[n]["samples"] == n * 2 * 8  # micro 8 x 2 ranks
     derived = json.loads((run / "derived.json").read_text())
     assert derived["world_size"] == 2 and derived["zero_stage"] == stage and derived["effective_batch"] == 16
     first = sum(rows[s]["loss"] for s in (1, 2, 3)) / 3
-    last = sum(rows[s]["loss"] for s in (8, 9, 10)) / 3
+    last = sum(rows[s]["loss"] for s in (n - 2, n - 1, n)) / 3
     assert last < first, (first, last)
-    assert (run / "checkpoints/latest").read_text().strip() == "step_00000010"
+    assert (run / "checkpoints/latest").read_text().strip() == f"step_{n:08d}"
+    if kind == "supervised":
+        val = [json.loads(line) for line in open(run / "metrics.jsonl") if "val/top1" in line]
+        assert [v["step"] for v in val] == list(range(5, n + 1, 5)) and all(v["val/n"] == 40 for v in val)
+        assert all(0 <= v["val/top1"] <= v["val/top5"] <= 1 for v in val)
 
 
 @pytest.mark.parametrize("kind,stage", [("supervised", 2), ("mae", 3)])
 def test_two_process_checkpoint_resumes_on_one_process(two_proc_runs, shards, kind, stage):
-    run = two_proc_runs[(kind, stage)]
+    run, n = two_proc_runs[(kind, stage)], STEPS[kind]
     proc = run_cli("train", str(CONFIGS[kind]), f"data.train_urls={shards}/train.json",
                    f"run.out_dir={run.parent}", f"run.name={run.name}", f"deepspeed.zero_stage={stage}",
-                   "optim.max_steps=13", "checkpoint.every_steps=5")
+                   f"optim.max_steps={n + 3}", "checkpoint.every_steps=5")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stderr and "step_00000010_universal" in proc.stderr
+    assert "resumed from" in proc.stderr and f"step_{n:08d}_universal" in proc.stderr
     rows = _rows(run)
-    assert sorted(rows) == list(range(1, 14))
-    assert rows[13]["samples"] == 10 * 16 + 3 * 8  # the new world size's batches after step 10
-    assert all(rows[s]["loss"] is not None and rows[s]["loss"] < rows[1]["loss"] * 1.5 for s in (11, 12, 13))
+    assert sorted(rows) == list(range(1, n + 4))
+    assert rows[n + 3]["samples"] == n * 16 + 3 * 8  # the new world size's batches after the resume
+    assert all(rows[s]["loss"] is not None and rows[s]["loss"] < rows[1]["loss"] * 1.5 for s in range(n + 1, n + 4))
     assert json.loads((run / "derived.json").read_text())["world_size"] == 1
-    assert (run / "checkpoints/latest").read_text().strip() == "step_00000013"
+    assert (run / "checkpoints/latest").read_text().strip() == f"step_{n + 3:08d}"
 
 
 def test_cli_sigterm_checkpoints_and_exits_75_then_resumes(shards, tmp_path):

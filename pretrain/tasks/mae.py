@@ -15,7 +15,10 @@ def mask_noise(seed: int, step: int, rank: int, batch: int, num_patches: int, de
     draws the same masks as an uninterrupted one.
     """
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + rank)
-    return torch.rand(batch, num_patches, generator=g).to(device, non_blocking=True)
+    noise = torch.rand(batch, num_patches, generator=g)
+    if torch.device(device).type == "cuda":
+        noise = noise.pin_memory()  # an asynchronous copy: no wait on the device queue
+    return noise.to(device, non_blocking=True)
 
 
 class MaeTask(MaskedAutoencoder):
