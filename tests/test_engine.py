@@ -120,7 +120,8 @@ def test_supervised_run_writes_run_dir_and_learns(shards, tmp_path):
 
 def test_mae_run_logs_reconstructions(shards, tmp_path):
     cfg = _cfg(TINY_MAE, shards, tmp_path, "optim.max_steps=6", "logging.images_every_steps=3",
-               "logging.every_steps=2")
+               "logging.every_steps=2", "eval.knn_every_steps=3", f"eval.knn_train_urls={shards}/train.json",
+               f"eval.knn_val_urls={shards}/val.json")
     result = train(cfg)
     run = Path(result["run_dir"])
     assert json.loads((run / "model.json").read_text())["create_model"]["num_classes"] == 0
@@ -129,6 +130,8 @@ def test_mae_run_logs_reconstructions(shards, tmp_path):
     images = tb.Tags()["images"]
     assert "mae/input_masked_reconstruction" in images and "attention/last_block" in images
     assert [e.step for e in tb.Images("mae/input_masked_reconstruction")] == [3, 6]
+    assert [e.step for e in tb.Scalars("knn/top1")] == [3, 6]
+    assert all(0.0 <= e.value <= 1.0 for e in tb.Scalars("knn/top1"))
     grid = tb.Images("mae/input_masked_reconstruction")[0]
     assert grid.width > grid.height // 4  # rows of (input, masked, reconstruction)
     sd = torch.load(run / "checkpoints/step_00000006/mp_rank_00_model_states.pt", weights_only=False)["module"]

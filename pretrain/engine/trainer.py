@@ -308,6 +308,8 @@ class Trainer:
                 window = _Window(self.device)
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
                 self._evaluate()
+            if cfg.eval.knn_every_steps and self.step % cfg.eval.knn_every_steps == 0:
+                self._knn()
             if cfg.logging.images_every_steps and self.step % cfg.logging.images_every_steps == 0:
                 self._images()
             if self._stop_requested():
@@ -394,6 +396,19 @@ class Trainer:
         result = {"top1": c1 / max(n, 1), "top5": c5 / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
         self.log.scalars(self.step, "val", result)
         return {f"val_{k}": v for k, v in result.items()}
+
+    def _knn(self) -> None:
+        """k-NN top-1 of the encoder's features (eval.knn_*), logged as knn/top1."""
+        from pretrain.data import build_eval_stream
+        from pretrain.engine.knn import knn_top1
+
+        e, d = self.cfg.eval, self.cfg.data
+        with self._gathered():
+            top1 = knn_top1(self.module.encoder, build_eval_stream(e.knn_train_urls, self.cfg, self.rank, self.world),
+                            build_eval_stream(e.knn_val_urls, self.cfg, self.rank, self.world), e.knn_k,
+                            e.knn_temperature, self.device, mean=d.mean, std=d.std)
+        self.engine.train()
+        self.log.scalars(self.step, "knn", {"top1": top1})
 
     def _images(self) -> None:
         from pretrain.engine.visuals import attention_grid, mae_grid
