@@ -93,7 +93,7 @@ def check_export(run_dir: Path, mae: bool) -> None:
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("mae", [False, True], ids=["supervised", "mae"])
 def test_export_one_process(tmp_path, stage, mae):
     make_run(str(tmp_path), stage, mae)

@@ -6,6 +6,7 @@ across ranks once, after the loop, because ranks may hold different numbers of b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     env = pdist.resolve()
     if env.world_size > 1:
-        pdist.setup()
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's op-build chatter: stdout is the JSON
+            pdist.setup()
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     state, meta = load_source(args.weights)
     if not meta["timm_kwargs"].get("num_classes"):

@@ -89,18 +89,26 @@ def consolidate(run_dir: str, tag: str | None = None) -> tuple[dict[str, torch.T
         has_zero = any(name.endswith("_optim_states.pt") and name.startswith(("zero_", "bf16_zero_"))
                        for name in os.listdir(ck))
         try:
+            sd: dict[str, torch.Tensor] = {}
             if has_zero:
                 # zero_to_fp32 prints progress on stdout: keep the command's output to our own lines
                 with contextlib.redirect_stdout(io.StringIO()):
                     sd = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ck), tag=os.path.basename(ck))
-            else:
-                # ZeRO stage 0: the whole module is in the model-states file. DeepSpeed pickles its own
-                # metadata there, so weights_only=True cannot read it; this is our own run's file.
-                blob = torch.load(os.path.join(ck, "mp_rank_00_model_states.pt"), map_location="cpu",
-                                  weights_only=False)
-                sd = {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}
+            whole = os.path.join(ck, "mp_rank_00_model_states.pt")
+            if os.path.isfile(whole):
+                # Stages 0-2 also keep the whole module there. It supplies what zero_to_fp32 leaves out:
+                # everything at stage 0, and frozen parameters (MAE's sin-cos positions) at stages 0-1,
+                # where DeepSpeed records no frozen-parameter fragments. The fp32 master weights win.
+                # DeepSpeed pickles its own metadata in this file, so weights_only=True cannot read it
+                # (zero_to_fp32 reads it the same way); it is our own run's file.
+                blob = torch.load(whole, map_location="cpu", weights_only=False)
+                for k, v in (blob.get("module") or {}).items():
+                    if k not in sd:
+                        sd[k] = v.float() if v.is_floating_point() else v
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise UserError(f"unreadable checkpoint {run_dir}/checkpoints/{tag}: {str(e).splitlines()[0]}") from None
+        if not sd:
+            raise UserError(f"unreadable checkpoint {run_dir}/checkpoints/{tag}: no model states found")
     return {k: v.contiguous() for k, v in sd.items()}, tag
 
 
