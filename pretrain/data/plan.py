@@ -136,12 +136,12 @@ class EpochPlan:
         counts_a = np.asarray(counts, dtype=np.int64)
         if resampled_samples:
             # endless stream: shards drawn with replacement until the window is covered
-            order: list[int] = []
-            total = 0
+            draws, total = [], 0
             while total < resampled_samples:
-                order += list(rng.integers(0, len(counts), size=max(1, len(counts))))
-                total = int(counts_a[order].sum())
-            self.order = np.asarray(order, dtype=np.int64)
+                d = rng.integers(0, len(counts), size=max(1, len(counts)))
+                draws.append(d)
+                total += int(counts_a[d].sum())
+            self.order = np.concatenate(draws).astype(np.int64)
             self.n = resampled_samples
             self.offset = 0
         else:
