@@ -14,6 +14,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 
 import fsspec
 import numpy as np
@@ -119,21 +120,37 @@ def prune(ckpt_dir: str, keep: int) -> None:
                 fs.rm(f"{root}/{name}", recursive=True)
 
 
-def to_universal(ckpt_dir: str, tag: str) -> str:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (loads on any world size). Rank 0 only."""
+def to_universal(ckpt_dir: str, tag: str, *, rank: int, timeout_s: float = 6 * 3600) -> str:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (loads on any world size) -> its tag.
+
+    Rank 0 converts (once: a `done` marker makes it idempotent); the other ranks poll the shared file
+    system for the marker rather than waiting in a collective, whose timeout a large conversion exceeds.
+    """
     out_tag = f"{tag}_universal"
     out = os.path.join(ckpt_dir, out_tag)
-    if os.path.exists(os.path.join(out, "done")):
-        return out_tag
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-           os.path.join(ckpt_dir, tag), "--output_folder", out, "--num_extract_workers", "1",
-           "--num_merge_workers", "1", "--inject_missing_state"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        raise UserError(f"could not convert checkpoint {ckpt_dir}/{tag} to the universal format for a new "
-                        f"world size: {tail[0]}")
-    open(os.path.join(out, "done"), "w").close()
+    done, failed = os.path.join(out, "done"), os.path.join(ckpt_dir, f"{out_tag}.failed")
+    if rank == 0 and not os.path.exists(done):
+        if os.path.exists(failed):
+            os.remove(failed)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               os.path.join(ckpt_dir, tag), "--output_folder", out, "--num_extract_workers", "1",
+               "--num_merge_workers", "1", "--inject_missing_state"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]
+            msg = (f"could not convert checkpoint {ckpt_dir}/{tag} to the universal format for a new world "
+                   f"size: {tail}")
+            with open(failed, "w") as f:
+                f.write(msg)
+            raise UserError(msg)
+        open(done, "w").close()
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(done):
+        if os.path.exists(failed):
+            raise UserError(open(failed).read().strip())
+        if time.monotonic() > deadline:
+            raise UserError(f"timed out waiting for rank 0 to convert {ckpt_dir}/{tag} to the universal format")
+        time.sleep(1.0)
     return out_tag
 
 

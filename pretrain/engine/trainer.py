@@ -165,11 +165,7 @@ class Trainer:
         meta = ckpt.read_meta(folder, tag)
         if meta["world_size"] != self.world and meta["zero_stage"] >= 1:
             # ZeRO partitions depend on the world size: DeepSpeed's universal format loads on any
-            if self.rank == 0:
-                ckpt.to_universal(folder, tag)
-            if self.world > 1:
-                dist.barrier()
-            tag = f"{tag}_universal"
+            tag = ckpt.to_universal(folder, tag, rank=self.rank)
         return folder, tag
 
     def _load(self, folder: str, tag: str) -> None:
