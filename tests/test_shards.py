@@ -4,6 +4,7 @@ import json
 import tarfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pretrain.data import read_index
@@ -64,6 +65,7 @@ def test_csv_and_jsonl_lists(cli, tmp_path):
     assert res["splits"]["train"]["counts"] == [4, 2] and res["classes"] == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_digits_and_synthetic(cli, tmp_path):
     r = cli("shards", "digits", "--out", str(tmp_path / "digits"), "--samples-per-shard", "1000",
             "--val-fraction", "0.1")
