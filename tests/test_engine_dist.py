@@ -132,6 +132,23 @@ def test_two_process_checkpoint_resumes_on_one_process(two_proc_runs, shards, ki
     assert (run / "checkpoints/latest").read_text().strip() == f"step_{n + 3:08d}"
 
 
+def test_one_process_checkpoint_resumes_on_two_processes(shards, tmp_path):
+    common = [f"data.train_urls={shards}/train.json", f"run.out_dir={tmp_path}", "run.name=grow",
+              "checkpoint.every_steps=4"]
+    one = run_cli("train", str(CONFIGS["mae"]), *common, "optim.max_steps=4")
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), __file__, str(CONFIGS["mae"]), *common, "optim.max_steps=7"]
+    two = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "step_00000004_universal at step 4" in two.stderr
+    run = tmp_path / "grow"
+    assert json.loads((run / "params_rank0.json").read_text()) == json.loads((run / "params_rank1.json").read_text())
+    rows = _rows(run)
+    assert sorted(rows) == list(range(1, 8)) and rows[7]["samples"] == 4 * 8 + 3 * 16
+
+
 def test_cli_sigterm_checkpoints_and_exits_75_then_resumes(shards, tmp_path):
     args = [sys.executable, "-m", "pretrain", "train", str(CONFIGS["supervised"]),
             f"data.train_urls={shards}/train.json", f"run.out_dir={tmp_path}", "run.name=pre",
