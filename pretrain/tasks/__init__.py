@@ -6,12 +6,18 @@ A Task is the `torch.nn.Module` that DeepSpeed wraps. Contract (the engine, expo
   export strips that prefix to get timm's own key names.
 - `forward(images, targets, step) -> (loss, metrics)`: images are normalised floats (B, C, H, W) on the
   device; targets are class indices (B,) or soft targets (B, K) under Mixup/CutMix, or None for MAE;
-  `step` seeds anything random (MAE masks) together with the run seed and rank; metrics is a dict of
-  0-dim tensors (no host sync: the engine reads them only at log steps).
+  `step` is the global micro-batch index (optimizer step x optim.accum_steps + micro-step), unique per
+  batch; it seeds anything random (MAE masks) together with the run seed and `self.rank` (the engine
+  sets that attribute after construction); metrics is a dict of 0-dim tensors (no host sync: the
+  engine averages them over steps and ranks and reads them only at log steps).
 - `param_groups(cfg) -> list[dict]`: parameter groups for the optimizer (weight decay off for biases,
   norms, position embeddings and tokens; layer-wise lr decay where the task asks for it). Each group
   may carry `lr_scale`, which the engine's schedule multiplies in.
 - `predict(images) -> logits` for classification tasks (eval, metrics); absent for MAE.
+- `flops_per_image() -> float`: forward FLOPs of one training image (the engine's MFU estimate).
+- optional `external_params() -> list[Parameter]`: parameters read outside their own module's forward
+  (MAE reads the encoder's tokens and position embeddings directly); ZeRO-3 gathers them with the
+  Task's forward.
 """
 from __future__ import annotations
 
