@@ -86,6 +86,7 @@ def test_prune_keeps_the_newest_and_never_latest(tmp_path):
 
 # ------------------------------------------------------------------------------------- real runs
 
+@pytest.mark.slow
 def test_supervised_run_writes_run_dir_and_learns(shards, tmp_path):
     cfg = _cfg(TINY_SUP, shards, tmp_path, f"data.val_urls={shards}/val.json", "optim.max_steps=12",
                "checkpoint.every_steps=4", "checkpoint.keep=2", "logging.images_every_steps=6")
@@ -118,6 +119,7 @@ def test_supervised_run_writes_run_dir_and_learns(shards, tmp_path):
     assert img.step == 12 and img.width > 16 and img.height > 16
 
 
+@pytest.mark.slow
 def test_mae_run_logs_reconstructions(shards, tmp_path):
     cfg = _cfg(TINY_MAE, shards, tmp_path, "optim.max_steps=6", "logging.images_every_steps=3",
                "logging.every_steps=2", "eval.knn_every_steps=3", f"eval.knn_train_urls={shards}/train.json",
@@ -149,6 +151,7 @@ def _signal_at(monkeypatch, task_cls, micro_step, sig=signal.SIGTERM):
     monkeypatch.setattr(task_cls, "forward", forward)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_checkpoints_and_resume_gives_identical_losses(shards, tmp_path, monkeypatch, sig):
     """Interrupted after a checkpoint (signal at step 5 of 9, crossing an epoch), resumed: same losses."""
