@@ -131,6 +131,7 @@ class Trainer:
         self.module = self.engine.module
         self.zero3 = self.engine.zero_optimization_stage() == 3
         self.mixup = self._build_mixup()
+        self.fixed_images = None
         self.step, self.epoch, self.samples_seen = 0, 0, 0
         self.skipped_total, self.skipped_run = 0, 0
         self.last_good_tag = None
@@ -242,6 +243,8 @@ class Trainer:
         d = self.cfg.data
         images = normalize(images.to(self.device, non_blocking=True), d.mean, d.std).to(self.precision.input_dtype)
         labels = labels.to(self.device, non_blocking=True)
+        if self.fixed_images is None:  # the pictures' images: rank's first batch, before Mixup/CutMix
+            self.fixed_images = images[:4].detach().float().clone()
         if self.cfg.task.kind == "mae":
             return images, None
         if self.mixup is not None:
@@ -264,7 +267,6 @@ class Trainer:
         accum = cfg.optim.accum_steps
         batches = self._batches()
         window = _Window(self.device)
-        self.fixed_images = None
         stopped_early = False
         final: dict = {}
         max_bad = cfg.optim.max_nonfinite_steps + (32 if self.precision.name == "fp16" else 0)
@@ -279,8 +281,6 @@ class Trainer:
                 images, labels = next(batches)
                 window.data_wait += time.perf_counter() - t0
                 x, y = self._prepare(images, labels)
-                if self.fixed_images is None:
-                    self.fixed_images = x[:4].detach().clone()
                 with self._autocast():
                     loss, metrics = engine(x, y, self.step * accum + micro)
                 engine.backward(loss)
