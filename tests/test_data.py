@@ -255,3 +255,42 @@ def test_draft_decoding_matches_output_size(tmp_path):
     for mode in ("train", "mae", "eval"):
         out = Decoder(mode, 16, cfg.data)({"jpg": buf.getvalue(), "cls": b"1"})
         assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+
+
+def _photo_like(h=600, w=800) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = 128 + 60 * np.sin(xx / 37.0)[..., None] * np.cos(yy / 23.0)[..., None] * np.array([1.0, 0.6, -0.8])
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_reduced_size_decode_only_when_the_crop_allows():
+    from pretrain.data.transforms import crop_resize, decode_for_crop
+
+    buf = io.BytesIO()
+    Image.fromarray(_photo_like()).save(buf, "JPEG", quality=95)
+    whole = lambda w, h: (0, 0, w, h)  # noqa: E731
+    arr, box = decode_for_crop(buf.getvalue(), whole, 64)  # 600 px / 8 = 75 >= 64: 1/8-scale decode
+    assert arr.shape[:2] == (75, 100) and box == (0, 0, 100, 75)
+    arr_full, _ = decode_for_crop(buf.getvalue(), whole, 400)  # 600 / 2 = 300 < 400: full decode
+    assert arr_full.shape[:2] == (600, 800)
+    small = crop_resize(arr, box, 64, "bilinear").astype(float)
+    ref = np.asarray(Image.open(buf).convert("RGB").resize((64, 64), Image.Resampling.BILINEAR)).astype(float)
+    assert np.abs(small - ref).mean() < 1.5  # same picture as a full decode + resize (a 4 px shift: ~7)
+
+
+def test_eval_transform_matches_timm():
+    """Our one-step centre crop equals timm's eval transform (resize shorter side, centre crop) to rounding."""
+    import pretrain._compat  # noqa: F401
+    from timm.data import create_transform
+
+    from pretrain.data.transforms import Decoder
+
+    img = Image.fromarray(_photo_like(300, 400))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    cfg = make_cfg("x")
+    ours = Decoder("eval", 64, cfg.data)({"png": buf.getvalue()}).astype(float)
+    tf = create_transform(64, is_training=False, crop_pct=cfg.data.eval_crop_pct, interpolation="bicubic",
+                          use_prefetcher=True)
+    ref = tf(img).permute(1, 2, 0).numpy().astype(float)
+    assert ours.shape == ref.shape and np.abs(ours - ref).mean() < 3.5  # a 4 px shift gives ~9.6
