@@ -221,15 +221,17 @@ def test_bad_data_skipped_counted_and_fatal_past_fraction(tmp_path):
         list(strict.iter_epoch(0))
 
 
-def test_unreachable_shard_reported_by_name(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreachable_shard_reported_by_name(tmp_path, monkeypatch, workers):
     import pretrain.data.index as index_mod
 
     monkeypatch.setattr(index_mod, "OPEN_BACKOFF_S", 0.01)
     index = write_shards(str(tmp_path), sizes=[4, 4])
     os.remove(tmp_path / "train-000001.tar")
-    s = build_train_stream(make_cfg(index, **{"data.workers": 0, "data.batch_size": 2}), 0, 1)
-    with pytest.raises(UserError, match="unreachable after 4 tries: .*train-000001.tar"):
+    s = build_train_stream(make_cfg(index, **{"data.workers": workers, "data.batch_size": 2}), 0, 1)
+    with pytest.raises(UserError, match="unreachable after 4 tries: .*train-000001.tar") as err:
         list(s.iter_epoch(0))
+    assert "\n" not in str(err.value)  # one line, also when raised in a worker process
 
 
 def test_state_from_other_shards_rejected(shards, tmp_path):
