@@ -153,3 +153,21 @@ def test_cli_exports(tmp_path, cli):
 if __name__ == "__main__":  # a torchrun worker of test_export_two_processes
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     make_run(sys.argv[1], int(sys.argv[2]), mae=False)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "mae"])
+def test_hf_format(tmp_path, kind):
+    transformers = pytest.importorskip("transformers")  # optional extra `hf`
+    from pretrain.engine.export import export, fixed_input
+
+    mae = kind == "mae"
+    make_run(str(tmp_path), 2, mae)
+    result = export(str(tmp_path), out=str(tmp_path / "out" / "m.safetensors"), fmt="hf")
+    cls = transformers.ViTMAEModel if mae else transformers.ViTForImageClassification
+    model = cls.from_pretrained(result["hf_dir"]).eval()
+    meta = {"timm_kwargs": {"img_size": 16, "in_chans": 3}}
+    with torch.no_grad():
+        out = model(pixel_values=fixed_input(meta))
+    got = out.last_hidden_state[:, 0] if mae else out.logits
+    ref = torch.load(tmp_path / "reference.pt", weights_only=True)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
