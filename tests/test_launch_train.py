@@ -1,0 +1,140 @@
+"""The repo's launch scripts running real `vit-pretrain train` jobs on 2 "nodes" of this machine:
+launch/slurm/train.sbatch on a real SLURM cluster (to completion; pre-empted, requeued and resumed),
+launch/deepspeed.sh with a 2-host hostfile over pdsh/ssh, launch/torchrun.sh as two nodes.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, free_port
+from launch_fixtures import base_env, slurm_cluster, ssh_loopback  # noqa: F401
+
+pytestmark = pytest.mark.slow
+CONFIG = REPO / "configs/pretrain/supervised_tiny_cpu.yaml"
+TIMES: dict = {}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Tiny synthetic shards shared by every launch test."""
+    from pretrain.data.writer import write_shards
+
+    d = tmp_path_factory.mktemp("launch_train")
+    write_shards("synthetic:128", str(d / "shards"), samples_per_shard=32)
+    return d
+
+
+def _steps(run_dir: Path) -> list[int]:
+    """Every logged training step, in order, duplicates kept (a step trained twice shows twice)."""
+    return [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _ranks_agree(run_dir: Path, world: int) -> None:
+    """ZeRO-2: rank 0 saved the full module, each rank its own fp32 partition of it. The partitions of
+    all ranks, put together, must equal rank 0's parameters: every rank holds the same model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = run_dir / "checkpoints"
+    tag = (ckpt / "latest").read_text().strip()
+    parts = sorted((ckpt / tag).glob("*optim_states.pt"))
+    assert len(parts) == world, parts  # one optimizer partition per rank
+    merged = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag)
+    module = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert merged.keys() and set(merged) <= set(module)
+    for k, v in merged.items():
+        assert torch.equal(v, module[k].float()), k
+
+
+def _sbatch(cluster, work: Path, name: str, *overrides: str, env: dict | None = None) -> str:
+    cluster.env.update(PYTHON=sys.executable, OUT_DIR=str(work / "runs"), RUN_NAME=name, **(env or {}))
+    r = cluster.run("sbatch", "--parsable", f"--job-name={name}", f"--chdir={REPO}",
+                    f"--output={work}/%x-%j.out", str(REPO / "launch/slurm/train.sbatch"), str(CONFIG),
+                    f"data.train_urls={work}/shards/train.json", "data.workers=1", *overrides)
+    return r.stdout.strip().split(";")[0]
+
+
+def test_slurm_sbatch_two_nodes_trains_to_completion(slurm_cluster, work):
+    t0 = time.monotonic()
+    job = _sbatch(slurm_cluster, work, "full", "optim.max_steps=6", "checkpoint.every_steps=3")
+    info = slurm_cluster.wait_job(job, timeout=400)
+    log = (work / f"full-{job}.out").read_text()
+    TIMES["slurm sbatch 2 nodes, 6 steps"] = time.monotonic() - t0
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    run = work / "runs/full"
+    assert _steps(run) == list(range(1, 7)), log[-3000:]
+    assert json.loads((run / "derived.json").read_text())["world_size"] == 2
+    assert (run / "checkpoints/latest").read_text().strip() == "step_00000006"
+    _ranks_agree(run, 2)
+    assert "master n1:" in log and "trainer exited 0" in log
+
+
+def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, work):
+    t0 = time.monotonic()
+    steps = 14
+    job = _sbatch(slurm_cluster, work, "pre", f"optim.max_steps={steps}", "checkpoint.every_steps=0")
+    metrics = work / "runs/pre/metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(_steps(metrics.parent)) >= 3):
+        assert time.monotonic() < deadline, (work / f"pre-{job}.out").read_text()[-3000:]
+        time.sleep(0.3)
+    # what `#SBATCH --signal=USR1@180` does before the time limit: USR1 to every task of the job's steps
+    slurm_cluster.run("scancel", "--signal=USR1", job)
+    info = slurm_cluster.wait_job(job, timeout=500)
+    log = (work / f"pre-{job}.out").read_text()
+    TIMES[f"slurm pre-emption + requeue + resume, {steps} steps"] = time.monotonic() - t0
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
+    assert "trainer exited 75" in log and "requeueing" in log and "restart 1" in log, log[-4000:]
+    stopped_at = int(log.split("stop signal: checkpointed step ")[1].split(";")[0]) if "stop signal" in log else None
+    got = _steps(metrics.parent)
+    assert got == list(range(1, steps + 1)), got  # no step trained twice, none lost
+    assert f"resumed from {work}/runs/pre/checkpoints/step_" in log, log[-4000:]
+    assert stopped_at is None or 3 <= stopped_at < steps
+    assert (metrics.parent / "checkpoints/latest").read_text().strip() == f"step_{steps:08d}"
+
+
+def test_deepspeed_launcher_hostfile_two_hosts(ssh_loopback, work, tmp_path):
+    t0 = time.monotonic()
+    (tmp_path / "hostfile").write_text("n1 slots=1\nn2 slots=1\n")
+    env = base_env(HOSTFILE=str(tmp_path / "hostfile"), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                   PYTHON=sys.executable, DEEPSPEED_ENV_FILE=str(tmp_path / ".deepspeed_env"))
+    r = subprocess.run(["bash", str(REPO / "launch/deepspeed.sh"), str(CONFIG),
+                        f"data.train_urls={work}/shards/train.json", f"run.out_dir={tmp_path}", "run.name=ds",
+                        "optim.max_steps=6", "checkpoint.every_steps=3", "data.workers=1"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    TIMES["deepspeed hostfile 2 hosts, 6 steps"] = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "TORCH_EXTENSIONS_DIR" in (tmp_path / ".deepspeed_env").read_text()
+    run = tmp_path / "ds"
+    assert _steps(run) == list(range(1, 7))
+    assert json.loads((run / "derived.json").read_text())["world_size"] == 2
+    _ranks_agree(run, 2)
+
+
+def test_torchrun_two_nodes_trains(work, tmp_path):
+    t0 = time.monotonic()
+    port = free_port()
+    procs = [subprocess.Popen(["bash", str(REPO / "launch/torchrun.sh"), str(CONFIG),
+                               f"data.train_urls={work}/shards/train.json", f"run.out_dir={tmp_path}", "run.name=tr",
+                               "optim.max_steps=6", "checkpoint.every_steps=3", "data.workers=1"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=base_env(NNODES="2", NODE_RANK=str(n), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+                                           MASTER_PORT=str(port), PYTHON=sys.executable))
+             for n in (0, 1)]
+    outs = [p.communicate(timeout=500) for p in procs]
+    TIMES["torchrun 2 nodes, 6 steps"] = time.monotonic() - t0
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    run = tmp_path / "tr"
+    assert _steps(run) == list(range(1, 7))
+    assert json.loads((run / "derived.json").read_text())["world_size"] == 2
+    _ranks_agree(run, 2)
+
+
+def teardown_module():
+    for k, v in TIMES.items():
+        print(f"\nwall time: {k}: {v:.1f}s", file=sys.__stderr__)
