@@ -59,12 +59,21 @@ def _sbatch(cluster, work: Path, name: str, *overrides: str, env: dict | None = 
     return r.stdout.strip().split(";")[0]
 
 
-def test_slurm_sbatch_two_nodes_trains_to_completion(slurm_cluster, work):
+def test_slurm_pretrain_then_dependent_finetune(slurm_cluster, work):
+    """launch/slurm/pretrain_then_finetune.sh: 2-node pretraining to completion, then the dependent
+    fine-tune job exports it and trains from it."""
     t0 = time.monotonic()
-    job = _sbatch(slurm_cluster, work, "full", "optim.max_steps=6", "checkpoint.every_steps=3")
-    info = slurm_cluster.wait_job(job, timeout=400)
-    log = (work / f"full-{job}.out").read_text()
-    TIMES["slurm sbatch 2 nodes, 6 steps"] = time.monotonic() - t0
+    slurm_cluster.env.update(PYTHON=sys.executable, OUT_DIR=str(work / "runs"), PT_NAME="full",
+                             SBATCH_ARGS=f"--chdir={REPO} --output={work}/%x-%j.out")
+    data = [f"data.train_urls={work}/shards/train.json", "data.workers=1"]
+    r = slurm_cluster.run("bash", str(REPO / "launch/slurm/pretrain_then_finetune.sh"), str(CONFIG), str(CONFIG),
+                          *data, "optim.max_steps=6", "checkpoint.every_steps=3", "--", *data,
+                          "task.kind=finetune", "optim.max_steps=3")
+    pt_job, ft_job = (line.split()[2] for line in r.stdout.splitlines()[:2])
+    assert slurm_cluster.job(ft_job)["JobState"] == "PENDING"  # waits for pretraining
+    info = slurm_cluster.wait_job(pt_job, timeout=400)
+    log = (work / f"full-{pt_job}.out").read_text()
+    TIMES["slurm sbatch 2 nodes, pretrain 6 steps"] = time.monotonic() - t0
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     run = work / "runs/full"
     assert _steps(run) == list(range(1, 7)), log[-3000:]
@@ -72,6 +81,15 @@ def test_slurm_sbatch_two_nodes_trains_to_completion(slurm_cluster, work):
     assert (run / "checkpoints/latest").read_text().strip() == "step_00000006"
     _ranks_agree(run, 2)
     assert "master n1:" in log and "trainer exited 0" in log
+
+    ft = slurm_cluster.wait_job(ft_job, timeout=400)
+    ft_log = (work / f"full-ft-{ft_job}.out").read_text()
+    TIMES["slurm pretrain + dependent finetune (3 steps)"] = time.monotonic() - t0
+    assert ft["JobState"] == "COMPLETED", ft_log[-3000:]
+    assert (run / "export/full.safetensors").is_file()
+    ft_run = work / "runs/full-ft"
+    assert _steps(ft_run) == [1, 2, 3] and "finetune" in (ft_run / "config.yaml").read_text()
+    assert "full.safetensors" in (ft_run / "config.yaml").read_text()
 
 
 def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, work):
