@@ -1,7 +1,7 @@
 """`vit-pretrain bench [NAME ...]`: each benchmark times ours and a baseline in the same run.
 
 Sub-benchmarks live in `pretrain/bench/<name>.py`, each with `add_arguments(parser)` (its own
-options, prefixed with its name) and `run(args) -> dict` returning at least
+options, prefixed with its name) and `run(args) -> dict | list[dict]`, each row with at least
 {"name", "ours", "baseline", "unit", "ratio", "goal", "met"}; this module prints a table and
 writes all results as JSON.
 """
@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         if name not in available:
             raise UserError(f"benchmark {name!r} is not available in this build")
         print(f"== bench {name}", file=sys.stderr, flush=True)
-        results.append(_module(name).run(args))
+        out = _module(name).run(args)
+        results.extend(out if isinstance(out, list) else [out])
     print(format_table(results))
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)

@@ -89,7 +89,8 @@ def _seed_all(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env, stop: threading.Event):
+    def __init__(self, cfg: Config, env, stop: threading.Event, stream=None):
+        """`stream`: any object with the train-stream interface (pretrain/data); default: built from cfg.data."""
         from pretrain.data import build_train_stream
 
         self.cfg, self.env, self.stop = cfg, env, stop
@@ -99,7 +100,7 @@ class Trainer:
         self.run_dir = f"{cfg.run.out_dir.rstrip('/')}/{cfg.run.name}"
         self.ckpt_dir = f"{self.run_dir}/checkpoints"
 
-        self.stream = build_train_stream(cfg, self.rank, self.world)
+        self.stream = stream if stream is not None else build_train_stream(cfg, self.rank, self.world)
         if cfg.task.kind == "mae":
             self.num_classes = 0
         else:
@@ -145,6 +146,11 @@ class Trainer:
         self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
                                  progress=cfg.logging.progress, total_steps=self.total_steps, start_step=self.step)
         self._log_derived()
+        # loop state (see _iteration)
+        self._batch_iter = None
+        self._window = _Window(self.device)
+        self.final: dict = {}
+        self.max_bad = cfg.optim.max_nonfinite_steps + (32 if self.precision.name == "fp16" else 0)
 
     # ------------------------------------------------------------------ set-up helpers
     def _write_run_files(self) -> None:
@@ -263,66 +269,79 @@ class Trainer:
         return bool(flag.item())
 
     def fit(self) -> dict:
-        cfg, engine = self.cfg, self.engine
-        accum = cfg.optim.accum_steps
-        batches = self._batches()
-        window = _Window(self.device)
+        """Train to `total_steps` (or until a stop signal), checkpoint, evaluate; -> final metrics."""
         stopped_early = False
-        final: dict = {}
-        max_bad = cfg.optim.max_nonfinite_steps + (32 if self.precision.name == "fp16" else 0)
-        engine.train()
+        self.engine.train()
         while self.step < self.total_steps:
-            lr = self.schedule(self.step)
-            for g in engine.optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            step_loss = None
-            for micro in range(accum):
-                t0 = time.perf_counter()
-                images, labels = next(batches)
-                window.data_wait += time.perf_counter() - t0
-                x, y = self._prepare(images, labels)
-                with self._autocast():
-                    loss, metrics = engine(x, y, self.step * accum + micro)
-                engine.backward(loss)
-                engine.step()
-                step_loss = metrics if step_loss is None else {k: step_loss[k] + v for k, v in metrics.items()}
-            self.step += 1
-            self.samples_seen += self.effective_batch
-            if engine.was_step_applied():  # a Python bool DeepSpeed already holds: no extra sync
-                window.add({k: v / accum for k, v in step_loss.items()})
-                self.skipped_run = 0
-            else:
-                window.skipped += 1
-                self.skipped_total += 1
-                self.skipped_run += 1
-                if self.skipped_run >= max_bad:
-                    self._nonfinite_stop()
-            window.steps += 1
-            self.log.advance()
-            if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps:
-                final = self._log_window(window, lr)
-                window = _Window(self.device)
-            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
-                self._evaluate()
-            if cfg.eval.knn_every_steps and self.step % cfg.eval.knn_every_steps == 0:
-                self._knn()
-            if cfg.logging.images_every_steps and self.step % cfg.logging.images_every_steps == 0:
-                self._images()
-            if self._stop_requested():
-                self._save()
+            if self._iteration():
                 stopped_early = True
-                self.log.info(f"stop signal: checkpointed step {self.step}; exiting with {EXIT_REQUEUE} (requeue)")
                 break
-            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                self._save()
         if not stopped_early:
             if self.last_good_tag != ckpt.tag_of(self.step):
                 self._save()
-            final.update(self._evaluate() or {})
+            self.final.update(self._evaluate() or {})
         self.log.close()
-        return {**final, "run_dir": self.run_dir, "step": self.step, "epoch": self.epoch,
+        return {**self.final, "run_dir": self.run_dir, "step": self.step, "epoch": self.epoch,
                 "samples_seen": self.samples_seen, "skipped_steps": self.skipped_total,
                 "stopped_early": stopped_early}
+
+    def train_steps(self, n: int) -> None:
+        """Run the loop's body n times (what `vit-pretrain bench` times against a bare PyTorch loop)."""
+        self.engine.train()
+        for _ in range(n):
+            self._iteration()
+
+    def _iteration(self) -> bool:
+        """One optimizer step and what is due after it (log, eval, k-NN, images, checkpoint).
+        -> True when a stop signal was honoured (checkpoint written, the run should end)."""
+        cfg, engine = self.cfg, self.engine
+        accum = cfg.optim.accum_steps
+        if self._batch_iter is None:
+            self._batch_iter = self._batches()
+        window = self._window
+        lr = self.schedule(self.step)
+        for g in engine.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        step_loss = None
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            images, labels = next(self._batch_iter)
+            window.data_wait += time.perf_counter() - t0
+            x, y = self._prepare(images, labels)
+            with self._autocast():
+                loss, metrics = engine(x, y, self.step * accum + micro)
+            engine.backward(loss)
+            engine.step()
+            step_loss = metrics if step_loss is None else {k: step_loss[k] + v for k, v in metrics.items()}
+        self.step += 1
+        self.samples_seen += self.effective_batch
+        if engine.was_step_applied():  # a Python bool DeepSpeed already holds: no extra sync
+            window.add({k: v / accum for k, v in step_loss.items()})
+            self.skipped_run = 0
+        else:
+            window.skipped += 1
+            self.skipped_total += 1
+            self.skipped_run += 1
+            if self.skipped_run >= self.max_bad:
+                self._nonfinite_stop()
+        window.steps += 1
+        self.log.advance()
+        if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps:
+            self.final = self._log_window(window, lr)
+            self._window = _Window(self.device)
+        if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
+            self._evaluate()
+        if cfg.eval.knn_every_steps and self.step % cfg.eval.knn_every_steps == 0:
+            self._knn()
+        if cfg.logging.images_every_steps and self.step % cfg.logging.images_every_steps == 0:
+            self._images()
+        if self._stop_requested():
+            self._save()
+            self.log.info(f"stop signal: checkpointed step {self.step}; exiting with {EXIT_REQUEUE} (requeue)")
+            return True
+        if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+            self._save()
+        return False
 
     def _nonfinite_stop(self):
         last = f"{self.ckpt_dir}/{self.last_good_tag}" if self.last_good_tag else "none yet"
