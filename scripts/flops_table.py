@@ -7,19 +7,8 @@ import argparse
 
 import torch
 
-from pretrain.models import block_flops, create_model, flops_per_image, list_models
-
-
-def mae_flops(model, mask_ratio=0.75, dec_dim=512, dec_depth=8) -> float:
-    """Forward FLOPs of MAE: patch embed on all patches, encoder on visible ones, decoder on all."""
-    n = model.patch_embed.num_patches
-    visible = int(n * (1 - mask_ratio))
-    enc = flops_per_image(model, tokens=visible + 1)
-    enc += 2 * (n - visible) * model.embed_dim * model.patch_embed.proj.weight[0].numel()  # embeds masked too
-    pix = model.patch_embed.proj.weight[0].numel()
-    dec = 2 * (visible + 1) * model.embed_dim * dec_dim + dec_depth * block_flops(n + 1, dec_dim, 4 * dec_dim)
-    dec += 2 * (n + 1) * dec_dim * pix
-    return enc + dec
+from pretrain.models import create_model, flops_per_image, list_models
+from pretrain.models.mae import MaskedAutoencoder, mae_flops_per_image
 
 
 def main():
@@ -37,8 +26,8 @@ def main():
         train = 3 * fwd
         limit = args.peak_tflops * 1e12 / train
         with torch.device("meta"):
-            enc = create_model(name, num_classes=0)
-        mae = 3 * mae_flops(enc)
+            mae_model = MaskedAutoencoder(create_model(name, num_classes=0))  # the paper's 8 x 512 decoder
+        mae = 3 * mae_flops_per_image(mae_model)
         print(f"| `{name}` | {params:.1f} | {fwd / 1e9:.2f} | {train / 1e9:.1f} | {limit:,.0f} | {0.45 * limit:,.0f} |"
               f" {mae / 1e9:.1f} | {train / mae:.2f} |")
 

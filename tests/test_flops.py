@@ -22,3 +22,15 @@ def test_vit_base_flops_is_the_known_figure():
         model = create_model("vit_base_patch16_224", num_classes=1000)
     # 17.6 GMACs per 224 px image is the figure timm and the ViT papers quote
     assert flops_per_image(model) / 2e9 == pytest.approx(17.56, abs=0.02)
+
+
+def test_mae_flop_formula_matches_torch_flop_counter():
+    from pretrain.models.mae import MaskedAutoencoder, mae_flops_per_image
+
+    mae = MaskedAutoencoder(create_model("vit_micro_patch4_32", num_classes=0), decoder_embed_dim=64,
+                            decoder_depth=2, decoder_num_heads=4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    noise = torch.rand(1, mae.num_patches)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        mae.forward_loss(x, noise)
+    assert mae_flops_per_image(mae) == counter.get_total_flops()

@@ -164,16 +164,18 @@ class MaskedAutoencoder(nn.Module):
 
 def mae_flops_per_image(model: MaskedAutoencoder) -> float:
     """Forward FLOPs of one image: encoder on the visible tokens plus decoder on all tokens."""
-    from pretrain.models.vit import flops_per_image
+    from pretrain.models.vit import block_flops, flops_per_image
 
     enc = model.encoder
     visible = int(model.num_patches * (1 - model.mask_ratio)) + enc.num_prefix_tokens
     enc_flops = flops_per_image(enc, tokens=visible)
+    # the patch embedding runs on every patch before masking
+    enc_flops += 2 * (model.num_patches - visible + enc.num_prefix_tokens) * enc.patch_embed.proj.weight.numel()
     dd = model.decoder_embed.out_features
     n = model.num_patches + 1
     hidden = model.decoder_blocks[0].mlp.fc1.out_features if len(model.decoder_blocks) else 0
-    per_block = 2 * n * dd * 3 * dd + 2 * n * n * dd * 2 + 2 * n * dd * dd + 2 * n * dd * hidden * 2
-    dec = len(model.decoder_blocks) * per_block + 2 * visible * enc.embed_dim * dd + 2 * n * dd * model.decoder_pred.out_features
+    dec = len(model.decoder_blocks) * block_flops(n, dd, hidden)
+    dec += 2 * visible * enc.embed_dim * dd + 2 * n * dd * model.decoder_pred.out_features
     return float(enc_flops + dec)
 
 
