@@ -25,9 +25,9 @@ COMMON = ["data.hflip=0.0", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]",
 STAGES = {
     # MAE recipe scaled down: sin-cos positions, 75% masking, light decoder, AdamW(0.9, 0.95)
     "mae": ["task.kind=mae", "model.pos_embed=sincos", "mae.mask_ratio=0.75", "mae.norm_pix_loss=false",
-            "mae.decoder_embed_dim=128", "mae.decoder_depth=2", "mae.decoder_num_heads=4",
+            "mae.decoder_embed_dim=64", "mae.decoder_depth=1", "mae.decoder_num_heads=4",
             "data.crop_scale=[0.5,1.0]", "data.batch_size=128", "optim.lr_per_256=1.5e-3",
-            "optim.betas=[0.9,0.95]", "optim.weight_decay=0.05", "optim.warmup_epochs=5"],
+            "optim.betas=[0.9,0.95]", "optim.weight_decay=0.05", "optim.warmup_epochs=3"],
     # MAE fine-tune recipe: average pooling, layer decay, drop path, label smoothing, RandAugment
     "finetune": ["task.kind=finetune", "model.global_pool=avg", "model.pos_embed=sincos",
                  "model.drop_path_rate=0.1", "finetune.layer_decay=0.75", "task.label_smoothing=0.1",
@@ -35,14 +35,14 @@ STAGES = {
                  "optim.weight_decay=0.05", "optim.warmup_epochs=3"],
     # MAE linear-probe recipe: frozen encoder, BatchNorm + linear head, class token, no smoothing
     "linprobe": ["task.kind=linprobe", "model.pos_embed=sincos", "task.label_smoothing=0.0",
-                 "data.crop_scale=[0.6,1.0]", "data.batch_size=128", "optim.lr_per_256=0.1",
-                 "optim.weight_decay=0.0", "optim.warmup_epochs=2"],
+                 "data.crop_scale=[0.6,1.0]", "data.batch_size=128", "optim.lr_per_256=2e-2",
+                 "optim.weight_decay=0.0", "optim.warmup_epochs=1"],
     # the baseline: the same ViT, the fine-tune's recipe and budget, random init
     "scratch": ["task.kind=supervised", "model.global_pool=avg", "model.drop_path_rate=0.1",
                 "task.label_smoothing=0.1", "data.crop_scale=[0.6,1.0]", "data.batch_size=64",
                 "optim.lr_per_256=2e-3", "optim.weight_decay=0.05", "optim.warmup_epochs=3"],
 }
-EPOCHS = {"mae": 60, "finetune": 40, "linprobe": 20}
+EPOCHS = {"mae": 20, "finetune": 30, "linprobe": 10}
 SMALL_STEPS = 6  # --small: optimizer steps per stage, for the test suite (a smoke test, not a result)
 
 
