@@ -196,8 +196,9 @@ class DeepSpeedConfig:
     """Offload parameters to CPU memory (stage 3 only)."""
     overlap_comm: bool = True
     """Overlap gradient reduction with backward."""
-    bucket_size: int = 50_000_000
-    """Reduce / all-gather bucket size in elements."""
+    bucket_size: int = 0
+    """Reduce / all-gather / prefetch bucket size in elements; 0 = sized from the model (a quarter of its
+    parameters, at least hidden^2, at most 5e7), so small models do not allocate 200 MB buffers."""
     extra: dict = field(default_factory=dict)
     """Raw DeepSpeed config keys merged last, for what this tree does not cover."""
 
@@ -510,7 +511,7 @@ def validate(cfg: Config) -> None:
            "needs deepspeed.zero_stage >= 1")
     _check(not z.offload_params or z.zero_stage == 3, "deepspeed.offload_params", True,
            "needs deepspeed.zero_stage == 3")
-    _check(z.bucket_size > 0, "deepspeed.bucket_size", z.bucket_size, "must be positive")
+    _check(z.bucket_size >= 0, "deepspeed.bucket_size", z.bucket_size, "must be >= 0 (0 = sized from the model)")
 
     c = cfg.checkpoint
     _check(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "must be >= 0 (0 = only at the end)")

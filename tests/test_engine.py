@@ -245,3 +245,17 @@ def test_recipes_hold_the_papers_values():
     for f in (REPO / "configs/pretrain").glob("*.yaml"):
         tree = yaml.safe_load(f.read_text())
         assert tree["_base_"] in ("../default.yaml", "mae_vit_base_patch16.yaml"), f
+
+
+def test_bucket_size_fitted_to_the_model():
+    from pretrain.engine.ds import bucket_elements
+
+    cfg = load_config(None, ["deepspeed.zero_stage=3"])
+    ds = build_ds_config(cfg, world_size=2, precision=Precision("fp32", None, torch.float32),
+                         num_params=22_000_000, hidden=384)
+    z = ds["zero_optimization"]
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == z["stage3_prefetch_bucket_size"] == 5_500_000
+    assert z["stage3_param_persistence_threshold"] == 3840
+    assert bucket_elements(0, 10_000, 128) == 128 * 128          # tiny model: at least hidden^2
+    assert bucket_elements(0, 600_000_000, 1280) == 50_000_000   # ViT-H: capped
+    assert bucket_elements(123, 600_000_000, 1280) == 123        # an explicit size wins
