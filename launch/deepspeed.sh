@@ -26,6 +26,7 @@ export VIT_PRETRAIN_RDZV_TIMEOUT=${VIT_PRETRAIN_RDZV_TIMEOUT:-600}
 
 # What every rank needs and pdsh would drop. The launcher reads .deepspeed_env from the working directory
 # or $HOME, or the path in DS_ENV_FILE, which we point at DEEPSPEED_ENV_FILE.
+# PATH too: the ranks must find the same ninja/compiler, or DeepSpeed rebuilds its ops on every launch
 vars="PATH PYTHONPATH TORCH_EXTENSIONS_DIR VIT_PRETRAIN_RDZV_TIMEOUT VIT_PRETRAIN_COLLECTIVE_TIMEOUT DS_ACCELERATOR
       OMP_NUM_THREADS GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME NCCL_IB_HCA NCCL_DEBUG HF_HOME $DS_ENV_VARS"
 : > "$DEEPSPEED_ENV_FILE"

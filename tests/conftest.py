@@ -29,3 +29,8 @@ def run_cli(*args: str, cwd=None, env=None, timeout=600) -> subprocess.Completed
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# Session-wide launch infrastructure (SLURM cluster, sshd for pdsh) shared by tests/test_launch*.py:
+# defined once here so every module gets the same daemons (see tests/launch_fixtures.py).
+from launch_fixtures import slurm_cluster, ssh_loopback  # noqa: E402,F401

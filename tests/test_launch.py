@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port
-from launch_fixtures import ALLREDUCE_SCRIPT, base_env, parse_allreduce, slurm_cluster, ssh_loopback  # noqa: F401
+from launch_fixtures import ALLREDUCE_SCRIPT, base_env, parse_allreduce  # fixtures: via conftest.py
 
 pytestmark = pytest.mark.slow
 TWO = {0: (2, None, 3.0), 1: (2, None, 3.0)}
@@ -51,7 +51,7 @@ def test_deepspeed_hostfile_two_hosts(ssh_loopback, script, tmp_path):
     (tmp_path / "hostfile").write_text("n1 slots=1\nn2 slots=1\n")
     env = base_env()
     (tmp_path / ".deepspeed_env").write_text(
-        "".join(f"{k}={env[k]}\n" for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "PYTHONPATH", "OMP_NUM_THREADS")))
+        "".join(f"{k}={env[k]}\n" for k in ("PATH", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "PYTHONPATH", "OMP_NUM_THREADS")))
     t0 = time.monotonic()
     r = subprocess.run(["deepspeed", "--hostfile", str(tmp_path / "hostfile"), "--master_addr", "127.0.0.1",
                         "--master_port", str(free_port()), "--no_local_rank", str(script)],

@@ -13,11 +13,19 @@ import pytest
 import torch
 
 from conftest import REPO, free_port
-from launch_fixtures import base_env, slurm_cluster, ssh_loopback  # noqa: F401
+from launch_fixtures import base_env  # fixtures slurm_cluster, ssh_loopback: session-wide, via conftest.py
 
 pytestmark = pytest.mark.slow
-CONFIG = REPO / "configs/pretrain/supervised_tiny_cpu.yaml"
 TIMES: dict = {}
+TINY = """\
+run: {name: tiny}
+model: {arch: vit_nano_patch4_16}
+task: {kind: supervised}
+data: {batch_size: 8, workers: 1, shuffle_block: 64, crop_scale: [0.5, 1.0]}
+optim: {max_steps: 6, lr_per_256: 0.1, warmup_steps: 2}
+checkpoint: {every_steps: 3, keep: 2}
+logging: {every_steps: 1, progress: false, images_every_steps: 0}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +35,8 @@ def work(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("launch_train")
     write_shards("synthetic:128", str(d / "shards"), samples_per_shard=32)
+    # the tiny CPU experiment, self-contained (no _base_): these tests check launching, not config files
+    (d / "tiny.yaml").write_text(TINY)
     return d
 
 
@@ -54,7 +64,7 @@ def _ranks_agree(run_dir: Path, world: int) -> None:
 def _sbatch(cluster, work: Path, name: str, *overrides: str, env: dict | None = None) -> str:
     cluster.env.update(PYTHON=sys.executable, OUT_DIR=str(work / "runs"), RUN_NAME=name, **(env or {}))
     r = cluster.run("sbatch", "--parsable", f"--job-name={name}", f"--chdir={REPO}",
-                    f"--output={work}/%x-%j.out", str(REPO / "launch/slurm/train.sbatch"), str(CONFIG),
+                    f"--output={work}/%x-%j.out", str(REPO / "launch/slurm/train.sbatch"), str(work / "tiny.yaml"),
                     f"data.train_urls={work}/shards/train.json", "data.workers=1", *overrides)
     return r.stdout.strip().split(";")[0]
 
@@ -66,7 +76,8 @@ def test_slurm_pretrain_then_dependent_finetune(slurm_cluster, work):
     slurm_cluster.env.update(PYTHON=sys.executable, OUT_DIR=str(work / "runs"), PT_NAME="full",
                              SBATCH_ARGS=f"--chdir={REPO} --output={work}/%x-%j.out")
     data = [f"data.train_urls={work}/shards/train.json", "data.workers=1"]
-    r = slurm_cluster.run("bash", str(REPO / "launch/slurm/pretrain_then_finetune.sh"), str(CONFIG), str(CONFIG),
+    cfg = str(work / "tiny.yaml")
+    r = slurm_cluster.run("bash", str(REPO / "launch/slurm/pretrain_then_finetune.sh"), cfg, cfg,
                           *data, "optim.max_steps=6", "checkpoint.every_steps=3", "--", *data,
                           "task.kind=finetune", "optim.max_steps=3")
     pt_job, ft_job = (line.split()[2] for line in r.stdout.splitlines()[:2])
@@ -92,26 +103,31 @@ def test_slurm_pretrain_then_dependent_finetune(slurm_cluster, work):
     assert "full.safetensors" in (ft_run / "config.yaml").read_text()
 
 
-def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, work):
+@pytest.mark.parametrize("launch", ["srun", "torchrun"])
+def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, work, launch):
+    """LAUNCH=srun: one task per rank; LAUNCH=torchrun: one torchrun per node, USR1 reaching its workers."""
     t0 = time.monotonic()
-    steps = 14
-    job = _sbatch(slurm_cluster, work, "pre", f"optim.max_steps={steps}", "checkpoint.every_steps=0")
-    metrics = work / "runs/pre/metrics.jsonl"
+    steps, name = 14, f"pre-{launch}"
+    job = _sbatch(slurm_cluster, work, name, f"optim.max_steps={steps}", "checkpoint.every_steps=0",
+                  env={"LAUNCH": launch})
+    metrics = work / f"runs/{name}/metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and len(_steps(metrics.parent)) >= 3):
-        assert time.monotonic() < deadline, (work / f"pre-{job}.out").read_text()[-3000:]
+        state = slurm_cluster.job(job).get("JobState")
+        assert time.monotonic() < deadline and state in ("PENDING", "RUNNING", "CONFIGURING"), \
+            (state, (work / f"{name}-{job}.out").read_text()[-3000:])
         time.sleep(0.3)
     # what `#SBATCH --signal=USR1@180` does before the time limit: USR1 to every task of the job's steps
     slurm_cluster.run("scancel", "--signal=USR1", job)
     info = slurm_cluster.wait_job(job, timeout=500)
-    log = (work / f"pre-{job}.out").read_text()
-    TIMES[f"slurm pre-emption + requeue + resume, {steps} steps"] = time.monotonic() - t0
+    log = (work / f"{name}-{job}.out").read_text()
+    TIMES[f"slurm ({launch}) pre-emption + requeue + resume, {steps} steps"] = time.monotonic() - t0
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
     assert "trainer exited 75" in log and "requeueing" in log and "restart 1" in log, log[-4000:]
     stopped_at = int(log.split("stop signal: checkpointed step ")[1].split(";")[0]) if "stop signal" in log else None
     got = _steps(metrics.parent)
     assert got == list(range(1, steps + 1)), got  # no step trained twice, none lost
-    assert f"resumed from {work}/runs/pre/checkpoints/step_" in log, log[-4000:]
+    assert f"resumed from {work}/runs/{name}/checkpoints/step_" in log, log[-4000:]
     assert stopped_at is None or 3 <= stopped_at < steps
     assert (metrics.parent / "checkpoints/latest").read_text().strip() == f"step_{steps:08d}"
 
@@ -121,7 +137,7 @@ def test_deepspeed_launcher_hostfile_two_hosts(ssh_loopback, work, tmp_path):
     (tmp_path / "hostfile").write_text("n1 slots=1\nn2 slots=1\n")
     env = base_env(HOSTFILE=str(tmp_path / "hostfile"), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                    PYTHON=sys.executable, DEEPSPEED_ENV_FILE=str(tmp_path / ".deepspeed_env"))
-    r = subprocess.run(["bash", str(REPO / "launch/deepspeed.sh"), str(CONFIG),
+    r = subprocess.run(["bash", str(REPO / "launch/deepspeed.sh"), str(work / "tiny.yaml"),
                         f"data.train_urls={work}/shards/train.json", f"run.out_dir={tmp_path}", "run.name=ds",
                         "optim.max_steps=6", "checkpoint.every_steps=3", "data.workers=1"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
@@ -137,7 +153,7 @@ def test_deepspeed_launcher_hostfile_two_hosts(ssh_loopback, work, tmp_path):
 def test_torchrun_two_nodes_trains(work, tmp_path):
     t0 = time.monotonic()
     port = free_port()
-    procs = [subprocess.Popen(["bash", str(REPO / "launch/torchrun.sh"), str(CONFIG),
+    procs = [subprocess.Popen(["bash", str(REPO / "launch/torchrun.sh"), str(work / "tiny.yaml"),
                                f"data.train_urls={work}/shards/train.json", f"run.out_dir={tmp_path}", "run.name=tr",
                                "optim.max_steps=6", "checkpoint.every_steps=3", "data.workers=1"],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
