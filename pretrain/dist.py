@@ -149,7 +149,8 @@ def resolve(env: dict | None = None) -> DistEnv:
         master_addr = env.get("MASTER_ADDR") or "127.0.0.1"
         master_port = _port(env) if env.get("MASTER_PORT") else _free_port()
         d = DistEnv(rank, world, local_rank, local_world, master_addr, master_port, launcher)
-    elif "SLURM_PROCID" in env or "SLURM_NTASKS" in env:
+    elif "SLURM_PROCID" in env or env.get("SLURM_NTASKS", "1") != "1":
+        # (an salloc shell of one task sets SLURM_NTASKS=1 and no SLURM_PROCID: a single process)
         for k in ("SLURM_PROCID", "SLURM_NTASKS"):
             if k not in env:
                 raise UserError(f"half-set SLURM environment: {k} is missing; run the trainer with srun "

@@ -91,6 +91,12 @@ def test_half_set_environment_is_a_clear_error(env, words):
         assert w in msg, msg
 
 
+def test_salloc_shell_of_one_task_is_single():
+    assert resolve({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "7"}).launcher == "single"
+    with pytest.raises(UserError, match="SLURM_PROCID is missing"):
+        resolve({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"})
+
+
 def test_world_of_one_needs_no_master():
     d = resolve({"RANK": "0", "WORLD_SIZE": "1"})
     assert (d.rank, d.world_size, d.launcher) == (0, 1, "torchrun")
