@@ -2,7 +2,7 @@
 and sshd for pdsh, all on loopback with their configuration in a temp folder, stopped by pid afterwards.
 
 Recipes: ../shared/LAUNCH-TESTING.md. Needs root (apt, /etc/hosts, daemons); elsewhere the fixtures skip
-with the reason. Import the fixtures into a test module: `from launch_fixtures import slurm_cluster`.
+with the reason. tests/conftest.py imports the fixtures, so one cluster and one sshd serve the whole session.
 """
 from __future__ import annotations
 
