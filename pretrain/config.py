@@ -539,7 +539,7 @@ def field_docs(cls=Config, prefix: str = "") -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             doc = ""
             if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                doc = nxt.value.value.strip()
+                doc = " ".join(nxt.value.value.split())  # one line, whatever the source wrapping
             docs[prefix + node.target.id] = doc
     out: dict[str, str] = {}
     hints = typing.get_type_hints(cls)
