@@ -52,7 +52,8 @@ def evaluate(task_or_model: torch.nn.Module, stream, device, *, mean=IMAGENET_ME
 
 
 def eval_config(meta: dict, batch_size: int, workers: int):
-    """The Config the eval stream is built from: the exported model's input size and normalisation."""
+    """The Config the eval stream is built from: the exported model's input size, normalisation and
+    eval crop (as the run that made it used them)."""
     from pretrain.config import load_config
     from pretrain.models import ARCHS
 
@@ -63,6 +64,8 @@ def eval_config(meta: dict, batch_size: int, workers: int):
         overrides.append(f"model.arch={meta['arch']}")
     if meta.get("mean") and meta.get("std"):
         overrides += [f"data.mean={list(meta['mean'])}", f"data.std={list(meta['std'])}"]
+    if meta.get("eval_crop_pct"):
+        overrides.append(f"data.eval_crop_pct={meta['eval_crop_pct']}")
     return load_config(None, overrides)
 
 

@@ -236,10 +236,12 @@ def export_state(run_dir: str, tag: str | None = None) -> tuple[dict[str, torch.
         "tag": tag,
         "mean": None,
         "std": None,
+        "eval_crop_pct": None,
     }
     cfg = _run_config(run_dir)
     if cfg is not None:
         meta["mean"], meta["std"] = list(cfg.data.mean), list(cfg.data.std)
+        meta["eval_crop_pct"] = cfg.data.eval_crop_pct
         meta["class_names"] = _class_names(cfg)
     return state, meta
 
