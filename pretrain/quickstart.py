@@ -20,7 +20,9 @@ import fsspec
 MODEL = ["model.arch=vit_micro_patch4_32"]
 # Shared by every stage: digits are not mirror-symmetric, so no flips; strokes reach the image border,
 # so evaluation sees the whole image (no centre crop).
-COMMON = ["data.hflip=0.0", "data.eval_crop_pct=1.0", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "deepspeed.zero_stage=1",
+# One DeepSpeed bucket holds the whole 1.2M-parameter model (2^21 elements, 8 MB).
+COMMON = ["data.hflip=0.0", "data.eval_crop_pct=1.0", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]",
+          "deepspeed.zero_stage=1", "deepspeed.bucket_size=2097152",
           "checkpoint.every_steps=0", "checkpoint.keep=1", "checkpoint.resume=never",
           "logging.every_steps=25", "logging.images_every_steps=0", "logging.progress=false"]
 STAGES = {

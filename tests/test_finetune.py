@@ -153,7 +153,7 @@ def _train_export_eval(cli, d, kind, name, *extra):
             "data.batch_size=64", "data.workers=0", "data.hflip=0", "data.crop_scale=[0.6,1.0]", "optim.epochs=8",
             "optim.warmup_epochs=0.5", "model.global_pool=avg",
             f"run.out_dir={d / 'runs'}", f"run.name={name}", "checkpoint.resume=never", "logging.progress=false",
-            "logging.images_every_steps=0", *extra, timeout=900)
+            "logging.images_every_steps=0", "deepspeed.bucket_size=1048576", *extra, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     val = _last_val(run_dir)
     # export and score in-process (the CLIs are covered by test_export / test_eval): plain timm from the file
