@@ -50,10 +50,11 @@ def _merge(dst: dict, src: dict) -> dict:
 def bucket_elements(configured: int, num_params: int, hidden: int) -> int:
     """`deepspeed.bucket_size`, or when 0 a size fitted to the model: a quarter of its parameters
     (about four reductions overlapping the backward), at least hidden^2 (DeepSpeed's own rule of thumb),
-    at most 5e7. A fixed 5e7 makes a ViT-S (22M parameters) allocate a 200 MB buffer per bucket."""
+    at most 5e7, rounded up to a multiple of 1024. A fixed 5e7 makes a ViT-S (22M parameters) allocate a 200 MB buffer per bucket."""
     if configured:
         return configured
-    return int(min(5e7, max(hidden * hidden, num_params // 4)))
+    size = int(min(5e7, max(hidden * hidden, num_params // 4)))
+    return -(-size // 1024) * 1024  # DeepSpeed asserts alignment (its nccl_start_alignment_factor)
 
 
 def build_ds_config(cfg, world_size: int, precision: Precision, *, load_universal: bool = False,
