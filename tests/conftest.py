@@ -26,6 +26,18 @@ def run_cli(*args: str, cwd=None, env=None, timeout=600) -> subprocess.Completed
                           capture_output=True, text=True, timeout=timeout)
 
 
+def metrics_rows(run_dir) -> dict:
+    """{step: last metrics.jsonl row with a loss} (a resumed run appends; redone steps overwrite)."""
+    import json
+
+    rows = {}
+    for line in open(Path(run_dir) / "metrics.jsonl"):
+        r = json.loads(line)
+        if "loss" in r:
+            rows[r["step"]] = r
+    return rows
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import metrics_rows
 from pretrain.config import load_config
 from pretrain.data.writer import write_shards
 from pretrain.engine import checkpoint as ckpt
@@ -31,14 +32,6 @@ def _cfg(path, shards, tmp_path, *extra):
     return load_config(path, [f"data.train_urls={shards}/train.json", f"run.out_dir={tmp_path}", *extra])
 
 
-def _rows(run_dir):
-    """Last metrics row per step (a resumed run appends; redone steps overwrite)."""
-    rows = {}
-    for line in open(Path(run_dir) / "metrics.jsonl"):
-        r = json.loads(line)
-        if "loss" in r:
-            rows[r["step"]] = r
-    return rows
 
 
 def _tb(run_dir):
@@ -100,7 +93,7 @@ def test_supervised_run_writes_run_dir_and_learns(shards, tmp_path):
     ck = run / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step_00000012"
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000008", "step_00000012"]
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert sorted(rows) == list(range(1, 13))
     for key in ("epoch", "samples", "loss", "lr", "grad_norm", "images_per_sec", "data_wait", "flops_per_sec"):
         assert key in rows[12], key
@@ -127,7 +120,7 @@ def test_mae_run_logs_reconstructions(shards, tmp_path):
     result = train(cfg)
     run = Path(result["run_dir"])
     assert json.loads((run / "model.json").read_text())["create_model"]["num_classes"] == 0
-    assert sorted(_rows(run)) == [2, 4, 6]
+    assert sorted(metrics_rows(run)) == [2, 4, 6]
     tb = _tb(run)
     images = tb.Tags()["images"]
     assert "mae/input_masked_reconstruction" in images and "attention/last_block" in images
@@ -168,7 +161,7 @@ def test_signal_checkpoints_and_resume_gives_identical_losses(shards, tmp_path, 
     assert ckpt.read_meta(str(ck), "step_00000005")["step"] == 5
     resumed = train(_cfg(TINY_MAE, shards, tmp_path, "run.name=cut", *common))
     assert resumed["step"] == 9 and not resumed["stopped_early"] and resumed["epoch"] == 1
-    a, b = _rows(tmp_path / "ref"), _rows(tmp_path / "cut")
+    a, b = metrics_rows(tmp_path / "ref"), metrics_rows(tmp_path / "cut")
     assert sorted(a) == sorted(b) == list(range(1, 10))
     for s in a:
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-6, abs=1e-7), s
@@ -188,7 +181,7 @@ def test_nonfinite_steps_are_skipped_counted_then_stop(shards, tmp_path, monkeyp
     cfg = _cfg(TINY_SUP, shards, tmp_path, "optim.max_steps=6", "checkpoint.every_steps=2")
     result = train(cfg)
     assert result["skipped_steps"] == 2 and result["step"] == 6
-    rows = _rows(Path(result["run_dir"]))
+    rows = metrics_rows(Path(result["run_dir"]))
     assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 0, 0]
     assert rows[3]["loss"] is None and rows[5]["loss"] is not None
     # weights stayed finite: the skipped steps made no update
@@ -217,7 +210,7 @@ def test_nonfinite_steps_are_skipped_counted_then_stop(shards, tmp_path, monkeyp
 def test_engine_variants_train(shards, tmp_path, path, extra):
     cfg = _cfg(path, shards, tmp_path, "optim.max_steps=4", "checkpoint.every_steps=0", *extra)
     result = train(cfg)
-    rows = _rows(result["run_dir"])
+    rows = metrics_rows(result["run_dir"])
     assert sorted(rows) == [1, 2, 3, 4] and result["skipped_steps"] == 0
     assert all(r["loss"] is not None and r["grad_norm"] is not None for r in rows.values())
     assert rows[4]["samples"] == 4 * cfg.data.batch_size * cfg.optim.accum_steps

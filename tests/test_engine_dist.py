@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, run_cli
+from conftest import free_port, metrics_rows, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {"supervised": REPO / "configs/pretrain/supervised_tiny_cpu.yaml",
@@ -59,13 +59,6 @@ def shards(tmp_path_factory):
     return out
 
 
-def _rows(run_dir):
-    rows = {}
-    for line in open(Path(run_dir) / "metrics.jsonl"):
-        r = json.loads(line)
-        if "loss" in r:
-            rows[r["step"]] = r
-    return rows
 
 
 STEPS = {"supervised": 20, "mae": 10}  # a tiny classifier needs ~20 steps before its loss clearly falls
@@ -100,7 +93,7 @@ def test_two_processes_identical_params_and_loss_goes_down(two_proc_runs, kind, 
     p0 = json.loads((run / "params_rank0.json").read_text())
     p1 = json.loads((run / "params_rank1.json").read_text())
     assert p0 == p1 and p0["numel"] > 0
-    rows = _rows(run)
+    rows = metrics_rows(run)
     n = STEPS[kind]
     assert sorted(rows) == list(range(1, n + 1))
     assert rows[n]["samples"] == n * 2 * 8  # micro 8 x 2 ranks
@@ -124,7 +117,7 @@ def test_two_process_checkpoint_resumes_on_one_process(two_proc_runs, shards, ki
                    f"optim.max_steps={n + 3}", "checkpoint.every_steps=5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and f"step_{n:08d}_universal" in proc.stderr
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert sorted(rows) == list(range(1, n + 4))
     assert rows[n + 3]["samples"] == n * 16 + 3 * 8  # the new world size's batches after the resume
     assert all(rows[s]["loss"] is not None and rows[s]["loss"] < rows[1]["loss"] * 1.5 for s in range(n + 1, n + 4))
@@ -145,7 +138,7 @@ def test_one_process_checkpoint_resumes_on_two_processes(shards, tmp_path):
     assert "step_00000004_universal at step 4" in two.stderr
     run = tmp_path / "grow"
     assert json.loads((run / "params_rank0.json").read_text()) == json.loads((run / "params_rank1.json").read_text())
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert sorted(rows) == list(range(1, 8)) and rows[7]["samples"] == 4 * 8 + 3 * 16
 
 
@@ -168,7 +161,7 @@ def test_cli_sigterm_checkpoints_and_exits_75_then_resumes(shards, tmp_path):
                     f"run.out_dir={tmp_path}", "run.name=pre", f"optim.max_steps={step + 2}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {tmp_path}/pre/checkpoints/{latest} at step {step}" in again.stderr
-    assert max(_rows(tmp_path / "pre")) == step + 2
+    assert max(metrics_rows(tmp_path / "pre")) == step + 2
 
 
 def test_cli_user_errors_exit_2(shards, tmp_path):

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from pretrain.errors import UserError
-from pretrain.models import create_model, flops_per_image, model_kwargs
+from pretrain.models import create_model, model_kwargs
 from pretrain.tasks.finetune import load_pretrained
-from pretrain.tasks.supervised import topk_correct
+from pretrain.tasks.supervised import SupervisedTask
 
 
-class LinprobeTask(torch.nn.Module):
+class LinprobeTask(SupervisedTask):
     """`encoder` is the frozen pretrained ViT whose `head` (trained) reads BatchNorm-ed features.
 
     The BatchNorm sits in a pre-forward hook of `encoder.head`, so the whole forward goes through
@@ -19,7 +18,7 @@ class LinprobeTask(torch.nn.Module):
     """
 
     def __init__(self, cfg, num_classes: int):
-        super().__init__()
+        torch.nn.Module.__init__(self)  # the supervised objective, predict and FLOPs; our own encoder
         if num_classes <= 0:
             raise UserError("task.kind=linprobe needs labelled shards: the training index names no classes")
         kwargs = dict(model_kwargs(cfg.model, num_classes), drop_path_rate=0.0)
@@ -43,21 +42,6 @@ class LinprobeTask(torch.nn.Module):
         self.encoder.eval()  # frozen: no drop path / dropout in the encoder, ever
         return self
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, step: int = 0):
-        logits = self.encoder(images).float()  # (B, K)
-        if targets.ndim == 2:
-            loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-            return loss, {"loss": loss.detach()}
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        acc1 = topk_correct(logits.detach(), targets, ks=(1,))[0].float() / targets.shape[0]
-        return loss, {"loss": loss.detach(), "acc1": acc1}
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images)
-
     def param_groups(self, cfg) -> list[dict]:
         return [{"params": list(self.encoder.head.parameters()), "weight_decay": cfg.optim.weight_decay,
                  "lr_scale": 1.0}]
-
-    def flops_per_image(self) -> float:
-        return flops_per_image(self.encoder)
