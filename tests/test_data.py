@@ -81,6 +81,10 @@ def test_read_index_forms(shards):
     assert read_index([f"{base}/train-000000.tar", f"{base}/train-000001.tar"]).num_samples == 20
     with pytest.raises(UserError, match="matched no files"):
         read_index(f"{base}/nothing-*.tar")
+    with pytest.raises(UserError, match="matched no files"):  # a brace pattern of absent local files
+        read_index(f"{base}/nothing-{{000..003}}.tar")
+    with pytest.raises(UserError, match="1 of 7 shards .* do not exist, e.g. .*train-000006.tar"):
+        read_index(f"{base}/train-{{000000..000006}}.tar")
 
 
 def test_exactly_once_two_ranks_two_workers(shards):

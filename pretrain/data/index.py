@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -62,6 +63,10 @@ def _load_json_index(url: str) -> ShardIndex:
         raise UserError(f"shard index {url!r}: {len(counts)} counts for {len(shards)} shards")
     return ShardIndex(shards, [int(c) for c in counts] if counts is not None else None,
                       [str(c) for c in meta.get("classes", [])])
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
 
 
 def _expand_one(pattern: str) -> list[str]:
@@ -122,6 +127,12 @@ def read_index(urls: Union[str, list[str]]) -> ShardIndex:
         got = _expand_one(p)
         if not got:
             raise UserError(f"shard pattern matched no files: {p!r}")
+        # local files are checked now (cheap); remote ones when opened, with retries
+        missing = [u for u in got if _is_local(u) and not os.path.exists(u.removeprefix("file://"))]
+        if len(missing) == len(got):
+            raise UserError(f"shard pattern matched no files: {p!r}")
+        if missing:
+            raise UserError(f"{len(missing)} of {len(got)} shards of {p!r} do not exist, e.g. {missing[0]!r}")
         shards += got
     counts, classes = _counts_from_sibling_indexes(shards)
     return ShardIndex(shards, counts, classes)
