@@ -241,7 +241,7 @@ def _rendezvous(d: DistEnv, timeout_s: float):
 
 def setup(timeout_s: float | None = None, backend: str | None = None,
           collective_timeout_s: float | None = None) -> DistEnv:
-    """Resolve, export and initialise torch.distributed and DeepSpeed's comm layer.
+    """Resolve, export and initialise torch.distributed (DeepSpeed wraps it when an engine is built).
 
     timeout_s bounds the rendezvous (default $VIT_PRETRAIN_RDZV_TIMEOUT or 300 s);
     collective_timeout_s bounds each later collective (default $VIT_PRETRAIN_COLLECTIVE_TIMEOUT or 1800 s).
@@ -272,11 +272,10 @@ def setup(timeout_s: float | None = None, backend: str | None = None,
         raise RendezvousError(f"process group ({backend}) failed to start on {d.where}, host "
                               f"{socket.gethostname()}: {first}; for gloo set GLOO_SOCKET_IFNAME, for nccl "
                               "NCCL_SOCKET_IFNAME, to the interface that reaches the other nodes") from None
-    import deepspeed
-
-    # torch.distributed is up: DeepSpeed only wraps it (no MPI discovery, no second rendezvous)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(seconds=collective_timeout_s))
+    # DeepSpeed's comm layer is not initialised here: `deepspeed.initialize` wraps this process group
+    # itself when an engine is built. Initialising it eagerly as well (deepspeed.init_distributed) made
+    # about 1 in 20 two-process torchrun jobs abort at interpreter exit ("terminate called without an
+    # active exception") in paths that never build an engine (eval, plain collectives).
     return d
 
 

@@ -109,7 +109,7 @@ def _script(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_setup_single_process_inits_deepspeed(tmp_path):
+def test_setup_single_process(tmp_path):
     out = subprocess.run([sys.executable, str(_script(tmp_path))], env=base_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
