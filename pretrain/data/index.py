@@ -66,7 +66,8 @@ def _load_json_index(url: str) -> ShardIndex:
 
 
 def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
+    """A path on this machine (not a URL of another protocol, not a `pipe:` command)."""
+    return not url.startswith("pipe:") and ("://" not in url or url.startswith("file://"))
 
 
 def _expand_one(pattern: str) -> list[str]:
