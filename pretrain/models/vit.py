@@ -10,7 +10,6 @@ import math
 from typing import Any
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
@@ -63,12 +62,6 @@ def model_kwargs(model_cfg, num_classes: int) -> dict[str, Any]:
         resolve_arch(model_cfg), num_classes=num_classes, in_chans=model_cfg.in_chans,
         global_pool=model_cfg.global_pool, pos_embed=model_cfg.pos_embed, qkv_bias=model_cfg.qkv_bias,
         drop_path_rate=model_cfg.drop_path_rate, grad_checkpointing=model_cfg.grad_checkpointing)
-
-
-def timm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The subset of create_model's arguments that timm's VisionTransformer takes (for export)."""
-    out = {k: v for k, v in kwargs.items() if k not in ("pos_embed", "grad_checkpointing", "arch")}
-    return out
 
 
 def create_model(name: str = "vit_base_patch16_224", **overrides) -> VisionTransformer:
@@ -160,5 +153,4 @@ def flops_per_image(model: VisionTransformer, tokens: int | None = None) -> floa
 
 
 __all__ = ["ARCHS", "TIMM_NAMES", "create_model", "list_models", "resolve_arch", "model_kwargs",
-           "timm_kwargs", "load_weights", "init_sincos_pos_embed", "num_params", "flops_per_image", "block_flops",
-           "resample_abs_pos_embed"]
+           "load_weights", "init_sincos_pos_embed", "num_params", "flops_per_image", "block_flops"]
