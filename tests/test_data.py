@@ -300,3 +300,20 @@ def test_eval_transform_matches_timm():
                           use_prefetcher=True)
     ref = tf(img).permute(1, 2, 0).numpy().astype(float)
     assert ours.shape == ref.shape and np.abs(ours - ref).mean() < 3.5  # a 4 px shift gives ~9.6
+
+
+def test_randaugment_at_full_magnitude_decodes():
+    """RandAugment's increasing posterize at magnitude 10 keeps 0 bits: a black image, not Pillow's error
+    (the DeiT / MAE fine-tune recipes' rand-m9-mstd0.5-inc1 reaches 10 in ~2% of its draws)."""
+    from pretrain.data.transforms import Decoder
+
+    cfg = load_config(None, ["data.auto_augment=rand-m10-mstd0-inc1-n2"])
+    decoder = Decoder("train", 16, cfg.data)
+    ops = {op.name: op for t in decoder.secondary.transforms for op in getattr(t, "ops", [])}
+    posterize = ops["PosterizeIncreasing"]
+    posterize.prob = 1.0
+    img = Image.fromarray(np.random.default_rng(0).integers(1, 255, (16, 16, 3), dtype=np.uint8))
+    assert not np.asarray(posterize(img)).any()
+    decoder.secondary.transforms[0].ops = [posterize]  # every draw now posterizes at 0 bits
+    out = decoder({"png": png(3, side=16)})
+    assert out.shape == (16, 16, 3)

@@ -87,6 +87,28 @@ def crop_resize(arr: np.ndarray, box, out: int, mode: str, flip: bool = False) -
     return x[0].permute(1, 2, 0).numpy()  # (out, out, 3), HWC memory: no copy
 
 
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, with 0 bits kept giving the black image it always meant (old Pillow's result)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _fix_posterize(transforms) -> None:
+    """RandAugment's increasing posterize (`inc1`, as in the DeiT and MAE fine-tune recipes) keeps
+    4 - int(m / 10 * 4) bits: 0 at magnitude 10, which m9 with mstd0.5 reaches in ~2% of its draws.
+    timm (1.0.31) hands that 0 to Pillow, whose current releases (13.0 here) raise "bits must be between
+    or equal to 1 and 8", which ended the run. Our ops get a posterize that accepts 0; timm stays as it is."""
+    for t in getattr(transforms, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+
+
 class Decoder:
     """Picklable per-sample decoder; `mode` is 'train' (timm factory), 'mae' (crop + flip) or 'eval'."""
 
@@ -114,6 +136,7 @@ class Decoder:
             self.scale, self.ratio = tuple(rrc.scale), tuple(rrc.ratio)
             self.interp = "bilinear"  # timm's default for supervised training
             self.secondary = secondary if len(secondary.transforms) else None
+            _fix_posterize(secondary)
             if data_cfg.reprob > 0:
                 self.erase = RandomErasing(data_cfg.reprob, mode="pixel", device="cpu")
 
