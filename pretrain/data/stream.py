@@ -8,7 +8,6 @@ size are hand-written (webdataset has neither); tar access and URL opening are i
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
 from typing import Iterator, Optional
 
@@ -21,6 +20,7 @@ from pretrain.data.plan import EpochPlan, Layout, seg_points
 from pretrain.data.tario import ShardCursor
 from pretrain.data.transforms import BadSample, Decoder
 from pretrain.errors import UserError
+from pretrain.rng import generator, seed_all
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,7 @@ def _to_batch(images: list[np.ndarray], labels: list[int]) -> tuple[torch.Tensor
 
 def _seed_batch(*key: int) -> np.random.Generator:
     """Seed Python, NumPy and torch RNGs (used by the augmentations) from the batch's identity."""
-    ss = np.random.SeedSequence([int(k) for k in key])
-    a, b = ss.generate_state(2)
-    random.seed(int(a))
-    np.random.seed(int(b))
-    torch.manual_seed(int(a))
-    return np.random.default_rng(ss)
+    return np.random.default_rng(seed_all(*key))
 
 
 def _worker_init(_):
@@ -244,7 +239,8 @@ class TrainStream:
                          self.seed, epoch)
         loader = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                             worker_init_fn=_worker_init if workers else None,
-                            prefetch_factor=2 if workers else None)
+                            prefetch_factor=2 if workers else None,
+                            generator=generator(self.seed, epoch, self.rank))  # not the global generator
         got = 0
         for x, y, bad in _reraise_user_errors(loader):
             cur[1] += 1
@@ -343,7 +339,8 @@ class EvalStream:
         ds = _EvalSlots(self.index.shards, self.counts, self.rank, self.world_size, max(1, workers),
                         self.cfg.data.batch_size, self.decoder, self.num_classes)
         loader = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                            worker_init_fn=_worker_init if workers else None)
+                            worker_init_fn=_worker_init if workers else None,
+                            generator=generator(self.rank))  # leaves the global generator alone
         yield from _reraise_user_errors(loader)
 
 

@@ -9,18 +9,17 @@ import argparse
 import contextlib
 import json
 import math
-import random
 import signal
 import sys
 import threading
 import time
 
 import fsspec
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from pretrain import dist as pdist
+from pretrain import rng
 from pretrain.config import Config, load_config, to_yaml
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.ds import initialize, resolve_device, resolve_precision
@@ -82,12 +81,6 @@ def _stop_signals():
             signal.signal(s, h)
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 class Trainer:
     def __init__(self, cfg: Config, env, stop: threading.Event, stream=None):
         """`stream`: any object with the train-stream interface (pretrain/data); default: built from cfg.data."""
@@ -118,10 +111,9 @@ class Trainer:
         self.effective_batch = cfg.data.batch_size * accum * self.world
         self.schedule = build_schedule(cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps)
 
-        _seed_all(cfg.run.seed)  # identical initial weights on every rank
+        rng.seed_all(cfg.run.seed)  # identical initial weights on every rank (each step reseeds: rng.py)
         self.task = build_task(cfg, self.num_classes)
         self.task.rank = self.rank
-        _seed_all(cfg.run.seed + 7919 * self.rank)  # drop-path, mixup: per-rank streams
 
         if self.rank == 0:
             self._write_run_files()
@@ -307,6 +299,8 @@ class Trainer:
             t0 = time.perf_counter()
             images, labels = next(self._batch_iter)
             window.data_wait += time.perf_counter() - t0
+            # every draw of this micro-step (Mixup/CutMix, drop path, ...) from a place-keyed state
+            rng.seed_all(cfg.run.seed, rng.STEP, self.step * accum + micro, self.rank)
             x, y = self._prepare(images, labels)
             with self._autocast():
                 loss, metrics = engine(x, y, self.step * accum + micro)

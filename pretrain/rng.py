@@ -1,0 +1,36 @@
+"""Randomness as a function of where the run is, never of what ran before.
+
+Every draw the training loop makes (drop path, patch dropout, Mixup/CutMix choices, augmentations) comes
+from the process-global generators, because that is where timm's layers and transforms draw from. Their
+state is therefore *set* from a key that names the place in the run (the run seed, the global
+micro-batch index, the rank; or a data batch's identity) right before the draws, instead of being carried
+along: a global generator's position depends on everything that drew before it (a DataLoader iterator
+created after a resume draws its base seed from it), so carried state breaks exact resume.
+See docs/training.md, "Randomness".
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+STEP = 0x5354  # key domain of the training loop's micro-steps (data batches use their own keys)
+
+
+def seed_all(*key: int) -> np.random.SeedSequence:
+    """Seed Python's, NumPy's and torch's global generators (the CPU's and every CUDA device's) from `key`.
+
+    Host-side only (no device sync); returns the SeedSequence for callers that want a private generator too.
+    """
+    ss = np.random.SeedSequence([int(k) for k in key])
+    a, b = ss.generate_state(2)
+    random.seed(int(a))
+    np.random.seed(int(b))
+    torch.manual_seed(int(a))  # also seeds every CUDA device's default generator
+    return ss
+
+
+def generator(*key: int) -> torch.Generator:
+    """A private CPU torch generator seeded from `key` (e.g. a DataLoader's, so it leaves the global one alone)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0]))
