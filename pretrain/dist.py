@@ -9,9 +9,12 @@ rendezvous is done here (a TCPStore plus a join barrier) rather than left to a s
 from __future__ import annotations
 
 import datetime
+import fcntl
+import ipaddress
 import os
 import re
 import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -23,6 +26,9 @@ RDZV_TIMEOUT_ENV = "VIT_PRETRAIN_RDZV_TIMEOUT"
 """Seconds every rank waits for all others to join (default 300)."""
 COLLECTIVE_TIMEOUT_ENV = "VIT_PRETRAIN_COLLECTIVE_TIMEOUT"
 """Seconds a collective may block before the process group aborts it (default 1800)."""
+GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
+"""gloo's network interface; derived in setup() when unset (the user's value wins)."""
+SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
 
 class RendezvousError(UserError):
@@ -196,8 +202,48 @@ def _env_seconds(key: str, default: float) -> float:
     return v
 
 
+def _local_addr_to(host: str) -> str | None:
+    """This machine's IPv4 address on the route to `host` (connecting a UDP socket sends nothing)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:  # no IPv4 address or no route
+        return None
+
+
+def _interface_of(addr: str) -> str | None:
+    """The interface whose (primary) IPv4 address is `addr`. Hand-written with the standard library:
+    neither torch nor gloo exposes this, and psutil or iproute2 may be missing on compute nodes."""
+    if ipaddress.ip_address(addr).is_loopback:
+        return next((name for _, name in socket.if_nameindex() if name == "lo"), None)
+    for _, name in socket.if_nameindex():
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                req = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+        except OSError:  # the interface has no IPv4 address
+            continue
+        if socket.inet_ntoa(req[20:24]) == addr:
+            return name
+    return None
+
+
+def gloo_interface(master_addr: str, peer_addrs: list[str], multi_node: bool) -> str | None:
+    """The interface gloo should use: the one on the route to MASTER_ADDR. gloo would otherwise take the
+    address the host name resolves to, on many distributions 127.0.1.1, which other nodes cannot reach.
+    On the master's own node that route is loopback whenever MASTER_ADDR is the node's own name, so a job
+    spanning nodes takes the route to a rank on another node (`peer_addrs`: each rank's own address
+    towards MASTER_ADDR, exchanged at the rendezvous) instead. None: no IPv4 route; leave gloo's default."""
+    local = _local_addr_to(master_addr)
+    if local and multi_node and ipaddress.ip_address(local).is_loopback:
+        remote = next((a for a in peer_addrs if a and not ipaddress.ip_address(a).is_loopback), None)
+        local = _local_addr_to(remote) if remote else None
+    return _interface_of(local) if local else None
+
+
 def _rendezvous(d: DistEnv, timeout_s: float):
-    """A TCPStore all ranks reach, and a join barrier whose timeout names the missing ranks."""
+    """A TCPStore all ranks reach, and a join barrier whose timeout names the missing ranks.
+    Each rank also sets GLOO_SOCKET_IFNAME (unless set) from the addresses exchanged here."""
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -224,6 +270,7 @@ def _rendezvous(d: DistEnv, timeout_s: float):
                               "and is the port open between nodes?") from None
     prefix = f"vit-pretrain/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     store.set(f"{prefix}/join/{d.rank}", host)
+    store.set(f"{prefix}/addr/{d.rank}", _local_addr_to(d.master_addr) or "")
     store.add(f"{prefix}/count", 1)
     deadline = time.monotonic() + timeout_s
     while (n := store.add(f"{prefix}/count", 0)) < d.world_size:
@@ -236,6 +283,11 @@ def _rendezvous(d: DistEnv, timeout_s: float):
                                   f"joined, missing ranks: {shown}; check that every node started and "
                                   f"uses the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE")
         time.sleep(0.1)
+    if GLOO_IFNAME_ENV not in os.environ:
+        peers = [store.get(f"{prefix}/addr/{r}").decode() for r in range(d.world_size)]
+        ifname = gloo_interface(d.master_addr, peers, multi_node=d.world_size > d.local_world_size)
+        if ifname:
+            os.environ[GLOO_IFNAME_ENV] = ifname
     return dist.PrefixStore(f"{prefix}/pg", store)
 
 
@@ -269,9 +321,10 @@ def setup(timeout_s: float | None = None, backend: str | None = None,
                                 timeout=datetime.timedelta(seconds=collective_timeout_s))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        ifname = os.environ.get(GLOO_IFNAME_ENV, "unset")
         raise RendezvousError(f"process group ({backend}) failed to start on {d.where}, host "
-                              f"{socket.gethostname()}: {first}; for gloo set GLOO_SOCKET_IFNAME, for nccl "
-                              "NCCL_SOCKET_IFNAME, to the interface that reaches the other nodes") from None
+                              f"{socket.gethostname()}: {first}; for gloo set GLOO_SOCKET_IFNAME (now {ifname}), "
+                              "for nccl NCCL_SOCKET_IFNAME, to the interface that reaches the other nodes") from None
     # DeepSpeed's comm layer is not initialised here: `deepspeed.initialize` wraps this process group
     # itself when an engine is built. Initialising it eagerly as well (deepspeed.init_distributed) made
     # about 1 in 20 two-process torchrun jobs abort at interpreter exit ("terminate called without an

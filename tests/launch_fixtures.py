@@ -1,5 +1,7 @@
 """Real launch infrastructure on one machine: a SLURM controller with two node daemons (n1, n2), munge,
 and sshd for pdsh, all on loopback with their configuration in a temp folder, stopped by pid afterwards.
+Each SLURM node has 4 CPUs and 2 GPUs as a generic resource (fake devices: SLURM allocates and binds them,
+no CUDA behind them).
 
 Recipes: ../shared/LAUNCH-TESTING.md. Needs root (apt, /etc/hosts, daemons); elsewhere the fixtures skip
 with the reason. tests/conftest.py imports the fixtures, so one cluster and one sshd serve the whole session.
@@ -12,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -172,10 +175,22 @@ MpiDefault=none
 JobRequeue=1
 KillWait=20
 MinJobAge=600
-NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={n1_port} CPUs=1 RealMemory=2000
-NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port={n2_port} CPUs=1 RealMemory=2000
+# GPUs as a generic resource, so jobs submit with --gpus-per-node / --gpus-per-task as on a GPU cluster:
+# gres.conf names fake devices (see GRES_CONF); CPUs above the box's count need config_overrides
+GresTypes=gpu
+SlurmdParameters=config_overrides
+NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={n1_port} CPUs={cpus} RealMemory=2000 Gres=gpu:{gpus}
+NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port={n2_port} CPUs={cpus} RealMemory=2000 Gres=gpu:{gpus}
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 """
+
+NODE_CPUS, NODE_GPUS = 4, 2
+GRES_CONF = """\
+AutoDetect=off
+Name=gpu File={d}/dev/gpu[0-{last}]
+"""
+# slurmd only accepts character or block devices as GPU files: each fake GPU is a node with /dev/null's
+# numbers (1, 3). SLURM then sets CUDA_VISIBLE_DEVICES / SLURM_STEP_GPUS per task from the file's index.
 
 
 class SlurmCluster:
@@ -223,8 +238,13 @@ def slurm_cluster():
     munge_dir.mkdir(mode=0o755)
     munge = pwd.getpwnam("munge")
     os.chown(munge_dir, munge.pw_uid, munge.pw_gid)
-    conf = SLURM_CONF.format(d=root, ctld_port=_free_port(), n1_port=_free_port(), n2_port=_free_port())
+    conf = SLURM_CONF.format(d=root, ctld_port=_free_port(), n1_port=_free_port(), n2_port=_free_port(),
+                             cpus=NODE_CPUS, gpus=NODE_GPUS)
     (root / "slurm.conf").write_text(conf)
+    (root / "dev").mkdir()
+    for i in range(NODE_GPUS):
+        os.mknod(root / "dev" / f"gpu{i}", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    (root / "gres.conf").write_text(GRES_CONF.format(d=root, last=NODE_GPUS - 1))
     added_hosts = ensure_hosts()
     pidfiles = [munge_dir / "munged.pid", root / "run" / "slurmctld.pid", root / "run" / "slurmd-n1.pid",
                 root / "run" / "slurmd-n2.pid"]

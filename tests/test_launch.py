@@ -70,3 +70,53 @@ def test_torchrun_two_nodes(script):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
     _check(parse_allreduce(outs[0][0] + outs[1][0]), "torchrun")
+
+
+@pytest.fixture
+def two_netns():
+    """Two network namespaces joined by a veth pair, 10.77.0.1 (vA) and 10.77.0.2 (vB): two "nodes" whose
+    only shared network is that link. The host name resolves to loopback in each, as on hosts whose
+    /etc/hosts maps it to 127.0.1.1. Removed afterwards."""
+    import os
+    import shutil
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("needs root and iproute2 to make network namespaces")
+    names = [f"vitp{os.getpid()}a", f"vitp{os.getpid()}b"]
+    steps = [["ip", "netns", "add", names[0]], ["ip", "netns", "add", names[1]],
+             ["ip", "link", "add", "vA", "netns", names[0], "type", "veth", "peer", "name", "vB", "netns", names[1]],
+             ["ip", "-n", names[0], "addr", "add", "10.77.0.1/24", "dev", "vA"],
+             ["ip", "-n", names[1], "addr", "add", "10.77.0.2/24", "dev", "vB"]]
+    for ns, dev in zip(names, ("vA", "vB")):
+        steps += [["ip", "-n", ns, "link", "set", "lo", "up"], ["ip", "-n", ns, "link", "set", dev, "up"]]
+    try:
+        for cmd in steps:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot make network namespaces here: {' '.join(cmd)}: {r.stderr.strip()}")
+        yield names
+    finally:
+        for ns in names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _run_in_netns(names, script, port, **extra):
+    procs = [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(script)], cwd=REPO,
+                              env=base_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                                           MASTER_ADDR="10.77.0.1", MASTER_PORT=str(port), **extra),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, ns in enumerate(names)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+def test_gloo_interface_is_derived_from_the_route_to_the_master(two_netns, script):
+    """Each rank's host name resolves to its own loopback: gloo's default address is unreachable from the
+    other namespace. pretrain.dist derives vA / vB from the route to MASTER_ADDR and the all_reduce works;
+    a user's GLOO_SOCKET_IFNAME wins (lo: the job fails, within the collective timeout, with the hint)."""
+    rcs, outs = _run_in_netns(two_netns, script, free_port())
+    assert rcs == [0, 0], [e[-2000:] for _, e in outs]
+    _check(parse_allreduce(outs[0][0] + outs[1][0]), "torchrun")
+
+    rcs, outs = _run_in_netns(two_netns, script, free_port(), GLOO_SOCKET_IFNAME="lo",
+                              VIT_PRETRAIN_COLLECTIVE_TIMEOUT="20")
+    assert rcs != [0, 0] and "GLOO_SOCKET_IFNAME (now lo)" in outs[0][1] + outs[1][1], [e[-1500:] for _, e in outs]

@@ -61,9 +61,14 @@ def _ranks_agree(run_dir: Path, world: int) -> None:
         assert torch.equal(v, module[k].float()), k
 
 
-def _sbatch(cluster, work: Path, name: str, *overrides: str, env: dict | None = None) -> str:
-    cluster.env.update(PYTHON=sys.executable, OUT_DIR=str(work / "runs"), RUN_NAME=name, **(env or {}))
-    r = cluster.run("sbatch", "--parsable", f"--job-name={name}", f"--chdir={REPO}",
+CPU_JOB = ("--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1")  # as on a cluster without GPUs
+GPU_JOB = ("--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=2")  # the script's GPU lines, small
+
+
+def _sbatch(cluster, work: Path, name: str, *overrides: str, env: dict | None = None,
+            shape: tuple = CPU_JOB) -> str:
+    cluster.env.update({"PYTHON": sys.executable, "OUT_DIR": str(work / "runs"), "RUN_NAME": name, **(env or {})})
+    r = cluster.run("sbatch", "--parsable", "--nodes=2", *shape, f"--job-name={name}", f"--chdir={REPO}",
                     f"--output={work}/%x-%j.out", str(REPO / "launch/slurm/train.sbatch"), str(work / "tiny.yaml"),
                     f"data.train_urls={work}/shards/train.json", "data.workers=1", *overrides)
     return r.stdout.strip().split(";")[0]
@@ -74,7 +79,7 @@ def test_slurm_pretrain_then_dependent_finetune(slurm_cluster, work):
     fine-tune job exports it and trains from it."""
     t0 = time.monotonic()
     slurm_cluster.env.update(PYTHON=sys.executable, OUT_DIR=str(work / "runs"), PT_NAME="full",
-                             SBATCH_ARGS=f"--chdir={REPO} --output={work}/%x-%j.out")
+                             SBATCH_ARGS=f"--chdir={REPO} --output={work}/%x-%j.out {' '.join(CPU_JOB)}")
     data = [f"data.train_urls={work}/shards/train.json", "data.workers=1"]
     cfg = str(work / "tiny.yaml")
     r = slurm_cluster.run("bash", str(REPO / "launch/slurm/pretrain_then_finetune.sh"), cfg, cfg,
@@ -103,13 +108,15 @@ def test_slurm_pretrain_then_dependent_finetune(slurm_cluster, work):
     assert "full.safetensors" in (ft_run / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("launch", ["srun", "torchrun"])
-def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, work, launch):
-    """LAUNCH=srun: one task per rank; LAUNCH=torchrun: one torchrun per node, USR1 reaching its workers."""
+@pytest.mark.parametrize("launch,sig", [("srun", "USR1"), ("torchrun", "USR1"), ("torchrun", "TERM")])
+def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, work, launch, sig):
+    """LAUNCH=srun: one task per rank; LAUNCH=torchrun: one torchrun per node, the signal reaching its workers.
+    USR1 is the warning before the time limit; TERM (to every task: torchrun's agent and its workers) is what
+    pre-emption sends. Submitted with GPUs (gres), so the script's GPU lines run."""
     t0 = time.monotonic()
-    steps, name = 14, f"pre-{launch}"
+    steps, name = 14, f"pre-{launch}-{sig}"
     job = _sbatch(slurm_cluster, work, name, f"optim.max_steps={steps}", "checkpoint.every_steps=0",
-                  env={"LAUNCH": launch})
+                  env={"LAUNCH": launch}, shape=GPU_JOB)
     metrics = work / f"runs/{name}/metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and len(_steps(metrics.parent)) >= 3):
@@ -117,11 +124,12 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, work, 
         assert time.monotonic() < deadline and state in ("PENDING", "RUNNING", "CONFIGURING"), \
             (state, (work / f"{name}-{job}.out").read_text()[-3000:])
         time.sleep(0.3)
-    # what `#SBATCH --signal=USR1@180` does before the time limit: USR1 to every task of the job's steps
-    slurm_cluster.run("scancel", "--signal=USR1", job)
+    # what `#SBATCH --signal=USR1@180` does before the time limit, or pre-emption's TERM: to every task of
+    # the job's steps (not to srun itself: srun answers a TERM by killing its tasks, see docs/launching.md)
+    slurm_cluster.run("scancel", f"--signal={sig}", job)
     info = slurm_cluster.wait_job(job, timeout=500)
     log = (work / f"{name}-{job}.out").read_text()
-    TIMES[f"slurm ({launch}) pre-emption + requeue + resume, {steps} steps"] = time.monotonic() - t0
+    TIMES[f"slurm ({launch}, {sig}) pre-emption + requeue + resume, {steps} steps"] = time.monotonic() - t0
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
     assert "trainer exited 75" in log and "requeueing" in log and "restart 1" in log, log[-4000:]
     stopped_at = int(log.split("stop signal: checkpointed step ")[1].split(";")[0]) if "stop signal" in log else None
@@ -130,6 +138,54 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, work, 
     assert f"resumed from {work}/runs/{name}/checkpoints/step_" in log, log[-4000:]
     assert stopped_at is None or 3 <= stopped_at < steps
     assert (metrics.parent / "checkpoints/latest").read_text().strip() == f"step_{steps:08d}"
+
+
+PROBE = """\
+#!/bin/bash
+# PYTHON for train.sbatch: each trainer process first records what SLURM gave it and what pretrain.dist
+# resolves from that, then runs the real trainer
+if [ "$1 $2" = "-m pretrain" ]; then
+    {python} -c 'import json, os; from pretrain import dist; d = dist.resolve()
+env = {{k: os.environ.get(k) for k in ("SLURMD_NODENAME", "CUDA_VISIBLE_DEVICES", "SLURM_CPUS_PER_TASK")}}
+print(json.dumps(dict(env, rank=d.rank, world=d.world_size, local_rank=d.local_rank)))' >> {log}
+fi
+exec {python} "$@"
+"""
+
+
+@pytest.mark.parametrize("launch,per_task", [("srun", False), ("srun", True), ("torchrun", False)])
+def test_slurm_gpu_job_gives_each_rank_its_own_gpu(slurm_cluster, work, tmp_path, launch, per_task):
+    """train.sbatch on 2 nodes x 2 GPUs (gres), 4 ranks: SLURM allocates and binds the GPUs, the script passes
+    them on, and the device each rank picks (local rank modulo the visible GPUs, pretrain.dist's rule) is a
+    different physical GPU for every rank of a node; srun tasks get --cpus-per-task, torchrun the whole node."""
+    tmp_path.chmod(0o755)
+    log, probe = tmp_path / "probe.jsonl", tmp_path / "python"
+    probe.write_text(PROBE.format(python=sys.executable, log=log))
+    probe.chmod(0o755)
+    name = f"gpu-{launch}-{'per-task' if per_task else 'per-node'}"
+    # --gpus-per-task alone would clash with the script's own --gpus-per-node=8: SLURM wants both to agree
+    gpus = ("--gpus-per-node=2", "--gpus-per-task=1") if per_task else ("--gpus-per-node=2",)
+    shape = (*gpus, "--ntasks-per-node=2", "--cpus-per-task=2") if launch == "srun" else \
+        (*gpus, "--ntasks-per-node=1", "--cpus-per-task=4")
+    t0 = time.monotonic()
+    job = _sbatch(slurm_cluster, work, name, "optim.max_steps=2", "checkpoint.every_steps=0",
+                  env={"LAUNCH": launch, "PYTHON": str(probe)}, shape=shape)
+    info = slurm_cluster.wait_job(job, timeout=500)
+    out = (work / f"{name}-{job}.out").read_text()
+    TIMES[f"slurm ({launch}, {' '.join(gpus)}) 4 ranks on 2 nodes x 2 GPUs, 2 steps"] = time.monotonic() - t0
+    assert info["JobState"] == "COMPLETED", out[-4000:]
+    assert _steps(work / "runs" / name) == [1, 2]
+    ranks = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(r["rank"] for r in ranks) == [0, 1, 2, 3] and {r["world"] for r in ranks} == {4}, ranks
+    for node in ("n1", "n2"):
+        on_node = [r for r in ranks if r["SLURMD_NODENAME"] == node]
+        assert sorted(r["local_rank"] for r in on_node) == [0, 1], ranks
+        visible = [r["CUDA_VISIBLE_DEVICES"].split(",") for r in on_node]
+        assert all(len(v) == (1 if per_task else 2) for v in visible), ranks
+        picked = {v[r["local_rank"] % len(v)] for r, v in zip(on_node, visible)}
+        assert picked == {"0", "1"}, ranks  # two ranks, two different physical GPUs
+        cpus = {r["SLURM_CPUS_PER_TASK"] for r in on_node}
+        assert cpus == ({"2"} if launch == "srun" else {"4"}), ranks
 
 
 def test_deepspeed_launcher_hostfile_two_hosts(ssh_loopback, work, tmp_path):
