@@ -423,7 +423,7 @@ class Trainer:
         from pretrain.engine.knn import knn_top1
 
         e, d = self.cfg.eval, self.cfg.data
-        with self._gathered(), self._autocast():
+        with self._gathered():  # no autocast: the k-NN vote itself is fp32
             top1 = knn_top1(self.module.encoder, build_eval_stream(e.knn_train_urls, self.cfg, self.rank, self.world),
                             build_eval_stream(e.knn_val_urls, self.cfg, self.rank, self.world), e.knn_k,
                             e.knn_temperature, self.device, mean=d.mean, std=d.std,
