@@ -158,6 +158,68 @@ def test_normalize_keeps_its_constants_on_the_device():
     torch.testing.assert_close(out, ref)
 
 
+# ------------------------------------------------------------------------------- 7. torch.compile
+
+def test_compile_blocks_compiles_each_trained_block_and_keeps_names():
+    """Per-block compilation (the compiled steps themselves run in test_gpu.py: inductor on this CPU
+    takes about a minute)."""
+    from pretrain.tasks import build_task
+
+    mae = build_task(load_config(TINY_MAE, ["mae.decoder_depth=2"]), 0)
+    keys = list(mae.state_dict())
+    depth = len(mae.encoder.blocks)
+    assert compile_blocks(mae) == [f"encoder.blocks.{i}" for i in range(depth)] + ["decoder_blocks.0",
+                                                                                   "decoder_blocks.1"]
+    assert list(mae.state_dict()) == keys  # checkpoints and export see the same names
+    assert all(b._compiled_call_impl is not None for b in [*mae.encoder.blocks, *mae.decoder_blocks])
+    assert mae.decoder_embed._compiled_call_impl is None  # what lies between blocks stays eager
+
+
+def test_compile_needs_zero_stage_2_or_lower():
+    assert load_config(None, ["model.compile=true", "deepspeed.zero_stage=2"]).model.compile
+    with pytest.raises(UserError, match="config key model.compile: .*needs deepspeed.zero_stage <= 2"):
+        load_config(None, ["model.compile=true", "deepspeed.zero_stage=3"])
+
+
+def stop_worker(config: str, stop_at: int, overrides: list[str]) -> None:
+    """torchrun worker: rank 0 alone gets the stop signal before step `stop_at + 1`; writes its result."""
+    import threading
+
+    from pretrain import dist as pdist
+    from pretrain.engine.trainer import Trainer
+
+    class SignalledOnRank0(Trainer):
+        def _iteration(self):
+            if self.rank == 0 and self.step == stop_at:
+                self.stop.set()
+            return super()._iteration()
+
+    env = pdist.setup()
+    trainer = SignalledOnRank0(load_config(config, overrides), env, threading.Event())
+    result = trainer.fit()
+    Path(trainer.run_dir, f"result_rank{env.rank}.json").write_text(json.dumps(
+        {"step": result["step"], "stopped_early": result["stopped_early"]}))
+    pdist.teardown()
+
+
+@pytest.mark.slow
+def test_stop_signal_on_one_rank_is_honoured_by_all_at_the_next_check(shards, tmp_path):
+    """run.stop_check_steps=4: a signal seen by rank 0 during step 6 stops both ranks after step 8,
+    the first step both check, with a checkpoint of step 8."""
+    overrides = [f"data.train_urls={shards}/train.json", f"run.out_dir={tmp_path}", "run.name=stop",
+                 "optim.max_steps=12", "checkpoint.every_steps=0", "run.stop_check_steps=4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), __file__, TINY_SUP, "5", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "stop"
+    for rank in (0, 1):
+        assert json.loads((run / f"result_rank{rank}.json").read_text()) == {"step": 8, "stopped_early": True}
+    assert (run / "checkpoints/latest").read_text().strip() == "step_00000008"
+    assert max(metrics_rows(run)) == 8
+
+
 # ------------------------------------------------------------------------------- 5. CUDA RNG state
 
 def test_cuda_rng_state_is_the_current_devices_and_old_lists_load():
@@ -206,3 +268,7 @@ def test_deepspeed_bf16_mode_trains_with_pictures_and_knn(shards, tmp_path, path
     tb.Reload()
     assert [e.step for e in tb.Images("attention/last_block")] == [2, 4]
     assert [e.step for e in tb.Scalars("knn/top1")] == [2, 4]
+
+
+if __name__ == "__main__":
+    stop_worker(sys.argv[1], int(sys.argv[2]), sys.argv[3:])
