@@ -278,7 +278,7 @@ def setup(timeout_s: float | None = None, backend: str | None = None,
     collective_timeout_s = collective_timeout_s or _env_seconds(COLLECTIVE_TIMEOUT_ENV, 1800.0)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    if backend == "nccl":
         index = device_index(d.local_rank, torch.cuda.device_count())
         torch.cuda.set_device(index)
         # DeepSpeed takes LOCAL_RANK for the device index (engine, ZeRO-3's Init, its comm layer): hand it ours

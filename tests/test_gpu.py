@@ -91,6 +91,7 @@ def test_train_steps_with_pictures_and_knn(shards, encoder_file, tmp_path, kind,
                f"eval.knn_val_urls={shards}/val.json", *PRECISIONS[precision], init_from=encoder_file)
     trainer, result = _fit(cfg)
     assert trainer.device == torch.device("cuda", torch.cuda.current_device())
+    assert os.environ["LOCAL_RANK"] == str(trainer.device.index)  # what DeepSpeed takes for the device
     assert trainer.precision.name == ("fp16" if precision == "fp16" else "bf16")
     basic = trainer.engine.basic_optimizer
     assert isinstance(basic, torch.optim.AdamW) and basic.defaults["fused"], type(basic)
