@@ -32,8 +32,9 @@ class RunConfig:
     """Where to train; `auto` picks CUDA when present. CPU and GPU share one code path."""
     stop_check_steps: int = 20
     """Ranks agree on a stop signal (SIGTERM/SIGUSR1) every N optimizer steps, so a signal is honoured
-    (checkpoint, exit 75) within N steps. The check is a CPU all-reduce whose latency grows with the
-    rank count; every 20 steps keeps it under 0.5% of a step at 64 nodes. One process checks every step."""
+    (checkpoint, exit 75) within N steps. The check is a CPU all-reduce whose latency grows with the rank
+    count (estimate at 512 ranks: ~30 ms, against ~0.35 s per ViT-B/16 step, so 20 steps keep it near
+    0.4%). One process checks every step."""
 
 
 @dataclass
