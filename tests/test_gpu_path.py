@@ -135,6 +135,15 @@ def test_precision_auto_and_bf16_modes():
     assert build_ds_config(cfg, 1, autocast)["bf16"] == {"enabled": False}
 
 
+def test_weight_ema_refuses_a_half_precision_module(shards, tmp_path):
+    from pretrain.engine.trainer import train
+
+    cfg = _cfg(TINY_SUP, shards, tmp_path, "task.kind=finetune", f"finetune.init_from={tmp_path}/enc.safetensors",
+               "finetune.ema_decay=0.999", "deepspeed.precision=bf16", "deepspeed.bf16_mode=deepspeed")
+    with pytest.raises(UserError, match="config key finetune.ema_decay: a weight EMA needs fp32 weights.*bfloat16"):
+        train(cfg)
+
+
 # ------------------------------------------------------------------------------- 4. per-step syncs
 
 def test_deepspeed_throughput_timer_is_off():

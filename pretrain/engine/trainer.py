@@ -97,6 +97,11 @@ class Trainer:
         self.rank, self.world = env.rank, env.world_size
         self.device = resolve_device(cfg.run, env.local_rank)
         self.precision = resolve_precision(cfg.deepspeed, self.device)
+        if cfg.task.kind == "finetune" and cfg.finetune.ema_decay > 0 and self.precision.input_dtype != torch.float32:
+            raise UserError(f"config key finetune.ema_decay: a weight EMA needs fp32 weights, but deepspeed.precision="
+                            f"{cfg.deepspeed.precision} (bf16_mode={cfg.deepspeed.bf16_mode}) keeps the module in "
+                            f"{self.precision.input_dtype}, where updates of (1 - decay) x the change round away; "
+                            "use deepspeed.bf16_mode=autocast or finetune.ema_decay=0")
         self.run_dir = f"{cfg.run.out_dir.rstrip('/')}/{cfg.run.name}"
         self.ckpt_dir = f"{self.run_dir}/checkpoints"
 
