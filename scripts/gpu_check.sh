@@ -2,6 +2,7 @@
 # Every GPU check in one command, on a GPU machine, from the project root:
 #   scripts/gpu_check.sh                  # `pytest -m gpu` (tests/test_gpu.py), then `bench gpu`
 #   BENCH_ARGS="--quick" scripts/gpu_check.sh
+#   PARTS=tests scripts/gpu_check.sh      # one part (tests | bench), e.g. to fit a time limit per command
 # Logs, JSON and summary.md go to $OUT if set, else ./gpu_check_out. On an offline machine the wheels
 # the image lacks (deepspeed, webdataset, ...; ../shared/gpu/wheels.sh puts them in .whl/) are installed
 # into /tmp/site first, and the package runs as `python3 -m pretrain` (../shared/GPU.md).
@@ -10,6 +11,7 @@ set -uo pipefail
 OUT=${OUT:-./gpu_check_out}
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
+PARTS=${PARTS:-tests bench}
 mkdir -p "$OUT"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -27,17 +29,21 @@ env_rc=$?
 cat "$OUT/env.txt"
 [ $env_rc -eq 0 ] || { echo "gpu_check: the environment is incomplete (see $OUT/env.txt)"; exit 1; }
 
-"$PY" -c "import pytest" 2>/dev/null || echo "gpu_check: pytest is missing here; put its wheels (pytest, pluggy, iniconfig) in .whl/"
-echo "== pytest -m gpu -> $OUT/gpu_tests.log"
-"$PY" -m pytest -q -m gpu -rs tests/test_gpu.py --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
-tests_rc=$?
-tail -n 5 "$OUT/gpu_tests.log"
-
-echo "== bench gpu ${BENCH_ARGS:-} -> $OUT/bench_gpu.log"
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-"$PY" -m pretrain bench gpu ${BENCH_ARGS:-} --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
-bench_rc=$?
-tail -n 8 "$OUT/bench_gpu.log"
+tests_rc=0 bench_rc=0
+if [[ " $PARTS " == *" tests "* ]]; then
+  "$PY" -c "import pytest" 2>/dev/null || echo "gpu_check: pytest is missing here; put its wheels (pytest, pluggy, iniconfig) in .whl/"
+  echo "== pytest -m gpu -> $OUT/gpu_tests.log"
+  "$PY" -m pytest -q -m gpu -rs tests/test_gpu.py --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
+  tests_rc=$?
+  tail -n 5 "$OUT/gpu_tests.log"
+fi
+if [[ " $PARTS " == *" bench "* ]]; then
+  echo "== bench gpu ${BENCH_ARGS:-} -> $OUT/bench_gpu.log"
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+  "$PY" -m pretrain bench gpu ${BENCH_ARGS:-} --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
+  bench_rc=$?
+  tail -n 8 "$OUT/bench_gpu.log"
+fi
 
 "$PY" - "$OUT" "$tests_rc" "$bench_rc" <<'PY' | tee "$OUT/summary.md"
 import datetime, json, os, sys
