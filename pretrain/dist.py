@@ -176,6 +176,26 @@ def resolve(env: dict | None = None) -> DistEnv:
     return d
 
 
+def device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device index of the process with `local_rank` when `visible` GPUs are visible to it.
+
+    One visible GPU means the launcher bound one per task (`srun --gpus-per-task=1`, `--gpu-bind`,
+    CUDA_VISIBLE_DEVICES per process): it is device 0 whatever the local rank. Otherwise each process of
+    the node takes the GPU of its local rank; two processes on one GPU is an error NCCL also refuses.
+    """
+    if visible <= 0:
+        raise UserError("no CUDA device is visible to this process; check CUDA_VISIBLE_DEVICES and the job's "
+                        "GPU request, or train on the CPU with run.device=cpu")
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = f" (CUDA_VISIBLE_DEVICES={cvd})" if cvd is not None else ""
+    raise UserError(f"local rank {local_rank} has no GPU of its own: {visible} GPUs are visible{shown}; start at "
+                    f"most {visible} processes per node, or bind one GPU per task (srun --gpus-per-task=1)")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -311,7 +331,10 @@ def setup(timeout_s: float | None = None, backend: str | None = None,
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(d.local_rank % max(torch.cuda.device_count(), 1))
+        index = device_index(d.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        # DeepSpeed takes LOCAL_RANK for the device index (engine, ZeRO-3's Init, its comm layer): hand it ours
+        os.environ["LOCAL_RANK"] = str(index)
     if d.world_size == 1:
         store = dist.HashStore()
     else:

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-steps", type=int, default=10)
     g.add_argument("--gpu-rounds", type=int, default=5)
     g.add_argument("--gpu-compile", action="store_true", help="model.compile=true for ours")
+    g.add_argument("--gpu-bf16-ds", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time supervised training in DeepSpeed's bf16 mode (deepspeed.bf16_mode=deepspeed)")
 
 
 def timm_style_loop(arch: str, images, labels, device):
@@ -60,14 +62,16 @@ def run(args: argparse.Namespace) -> list[dict]:
         for arch in args.gpu_archs.split(","):
             images, labels = synthetic_batch(args.gpu_batch, 224, 1000)
             extra = ["model.compile=true"] if args.gpu_compile else []
-            trainers = {kind: build_ours(bench_config(arch, 224, args.gpu_batch, 0, kind, f"{tmp}/{arch}-{kind}",
-                                                      ["deepspeed.precision=bf16", "model.num_classes=1000", *extra]),
-                                         images, labels, 1000)
-                        for kind in ("supervised", "mae")}
+            variants = {"supervised": ("supervised", []), "mae": ("mae", [])}
+            if args.gpu_bf16_ds:  # bf16 weights and gradients: the mode that halves gradient traffic
+                variants["supervised bf16_ds"] = ("supervised", ["deepspeed.bf16_mode=deepspeed"])
+            trainers = {name: build_ours(bench_config(arch, 224, args.gpu_batch, 0, kind, f"{tmp}/{arch}-{i}",
+                                                      ["deepspeed.precision=bf16", "model.num_classes=1000",
+                                                       *extra, *more]), images, labels, 1000)
+                        for i, (name, (kind, more)) in enumerate(variants.items())}
             base = timm_style_loop(arch, images, labels, device)
-            times = interleaved({"supervised": lambda: trainers["supervised"].train_steps(n),
-                                 "mae": lambda: trainers["mae"].train_steps(n),
-                                 "timm": lambda: [base() for _ in range(n)]},
+            contenders = {name: (lambda t=t: t.train_steps(n)) for name, t in trainers.items()}
+            times = interleaved({**contenders, "timm": lambda: [base() for _ in range(n)]},
                                 rounds=2 if args.quick else args.gpu_rounds, sync=torch.cuda.synchronize)
             ips = {k: n * args.gpu_batch / median(v) for k, v in times.items()}
             for kind, t in trainers.items():
@@ -75,7 +79,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 row = {"name": f"gpu {arch} {kind}", "ours": ips[kind], "baseline": ips["timm"], "unit": "img/s",
                        "ratio": ips[kind] / ips["timm"], "mfu": mfu, "device": torch.cuda.get_device_name(device),
                        "goal": f"MFU >= {GOAL_MFU}, >= timm" if kind == "supervised" else "report",
-                       "met": (mfu >= GOAL_MFU and ips[kind] >= ips["timm"]) if kind == "supervised" else None}
+                       "met": (mfu >= GOAL_MFU and ips[kind] >= ips["timm"]) if kind == "supervised" else None,
+                       "precision": t.precision.name + (" (DeepSpeed bf16 mode)" if t.precision.engine_bf16 else "")}
                 rows.append(row)
                 t.log.close()
             del trainers, base

@@ -7,6 +7,7 @@ size are hand-written (webdataset has neither); tar access and URL opening are i
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from typing import Iterator, Optional
@@ -348,9 +349,16 @@ def build_eval_stream(urls, cfg, rank: int, world_size: int) -> EvalStream:
     return EvalStream(urls, cfg, rank, world_size)
 
 
+@functools.lru_cache(maxsize=16)
+def _affine(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of normalize as (1, C, 1, 1) fp32 tensors on `device`, made once per device: built
+    every call they cost two blocking host-to-device copies per step."""
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    return (1.0 / (std_t * 255)).to(device), (-mean_t / std_t).to(device)
+
+
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (B, C, H, W) on the device -> float32 normalised with per-channel mean/std (given in 0..1)."""
-    inv = 1.0 / (torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255)
-    shift = -torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) / \
-        torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    return images.float().mul_(inv).add_(shift)  # x / (255 std) - mean / std, in place on one new tensor
+    scale, shift = _affine(tuple(mean), tuple(std), images.device)
+    return images.float().mul_(scale).add_(shift)  # x / (255 std) - mean / std, in place on one new tensor

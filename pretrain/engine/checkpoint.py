@@ -64,16 +64,28 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def rng_state() -> dict:
+    """This rank's generators; of the GPUs only its own device's (a resume may see fewer GPUs)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        cuda = cuda_rng_for(state.get("cuda"), device)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+def cuda_rng_for(saved, device: int):
+    """The saved CUDA generator state for device `device`: the one tensor a checkpoint holds, or from an
+    older checkpoint's list of every visible GPU's states the device's entry (None if it had fewer)."""
+    if isinstance(saved, (list, tuple)):
+        return saved[device] if device < len(saved) else None
+    return saved
 
 
 def _gather(obj, world_size: int) -> list:

@@ -1,5 +1,6 @@
 """DeepSpeed from our config: the JSON config (batch fields derived, `deepspeed.extra` merged last),
-the optimizer (torch AdamW on the CPU, DeepSpeed's FusedAdam on CUDA), and `deepspeed.initialize`."""
+the optimizer (torch AdamW, fused on CUDA; DeepSpeed's own Adams by choice or for offload), and
+`deepspeed.initialize`."""
 from __future__ import annotations
 
 import copy
@@ -13,24 +14,34 @@ from pretrain.errors import UserError
 @dataclass(frozen=True)
 class Precision:
     name: str  # "fp32" | "bf16" | "fp16"
-    autocast: torch.dtype | None  # bf16: torch.autocast around the forward; params and grads stay fp32
-    input_dtype: torch.dtype  # dtype the normalised images are cast to (fp16: DeepSpeed's half model)
+    autocast: torch.dtype | None  # bf16: torch.autocast around the forward
+    input_dtype: torch.dtype  # dtype of the normalised images: the dtype DeepSpeed keeps the module in
+    engine_bf16: bool = False  # bf16_mode=deepspeed: bf16 params and grads (reduced in bf16), fp32 master in
+    # DeepSpeed's optimizer; otherwise (bf16_mode=autocast) params, grads and their reduction stay fp32
 
 
-def resolve_device(run_cfg) -> torch.device:
+def resolve_device(run_cfg, local_rank: int = 0) -> torch.device:
+    """CPU, or the CUDA device of `local_rank` by the one rule in `pretrain.dist.device_index`."""
+    from pretrain.dist import device_index
+
     if run_cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("config key run.device: got 'cuda' but no CUDA device is visible; use run.device=auto or cpu")
     if run_cfg.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
 
 
 def resolve_precision(ds_cfg, device: torch.device) -> Precision:
     name = ds_cfg.precision
     if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        # V100 / T4 emulate bf16 (slower than fp32, and torch would still say "supported")
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        name = "bf16" if native else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise UserError("config key deepspeed.precision: got 'fp16', which needs a CUDA device; use bf16 or fp32")
+    if name == "bf16" and ds_cfg.bf16_mode == "deepspeed":
+        # autocast kept on: layer norms, softmax and losses still run in fp32 on the bf16 weights
+        return Precision("bf16", torch.bfloat16, torch.bfloat16, engine_bf16=True)
     if name == "bf16":
         return Precision("bf16", torch.bfloat16, torch.float32)
     if name == "fp16":
@@ -77,12 +88,15 @@ def build_ds_config(cfg, world_size: int, precision: Precision, *, load_universa
         "train_batch_size": d.batch_size * o.accum_steps * world_size,
         "gradient_clipping": o.grad_clip,
         "zero_optimization": zero,
-        # bf16 runs under torch.autocast with fp32 master weights in the module, so DeepSpeed sees fp32
-        "bf16": {"enabled": False},
+        # bf16 autocast mode: fp32 module under torch.autocast, so DeepSpeed sees fp32; bf16 deepspeed
+        # mode: DeepSpeed holds the module in bf16 and an fp32 master copy in its optimizer
+        "bf16": {"enabled": precision.engine_bf16},
         "fp16": {"enabled": precision.name == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device twice per micro-step (on by default)
+        "timers": {"throughput": {"enabled": False}},
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": load_universal},
     }
@@ -114,18 +128,23 @@ def guarded(optimizer_cls):
 
 
 def build_optimizer(cfg, param_groups: list[dict], device: torch.device):
+    """AdamW. On CUDA by default torch's fused kernel (nothing to compile on the compute nodes);
+    `optim.impl=deepspeed` picks DeepSpeed's FusedAdam (JIT-built with nvcc at first use). With the
+    optimizer offloaded, DeepSpeed requires its CPU Adam (also JIT-built)."""
     o = cfg.optim
     kwargs = dict(lr=0.0, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=1e-8)
     stage0 = cfg.deepspeed.zero_stage == 0
-    if device.type == "cuda" and not cfg.deepspeed.offload_optimizer:
+    if device.type == "cuda" and cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
+    if device.type == "cuda" and o.impl == "deepspeed":
         from deepspeed.ops.adam import FusedAdam
 
         cls = guarded(FusedAdam) if stage0 else FusedAdam
         return cls(param_groups, adam_w_mode=True, **kwargs)
-    if device.type == "cuda":  # optimizer states on the CPU: DeepSpeed's vectorised CPU Adam
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
+    if device.type == "cuda":
+        kwargs["fused"] = True
     cls = guarded(torch.optim.AdamW) if stage0 else torch.optim.AdamW
     return cls(param_groups, **kwargs)
 
@@ -148,7 +167,24 @@ def initialize(task: torch.nn.Module, cfg, world_size: int, device: torch.device
     ds_config = build_ds_config(cfg, world_size, precision, load_universal=load_universal,
                                 num_params=sum(p.numel() for p in task.parameters()),
                                 hidden=task.encoder.embed_dim)
-    engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
     if cfg.model.compile:
-        engine.compile()
+        compile_blocks(task)
+    engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
     return engine, ds_config
+
+
+def compile_blocks(task: torch.nn.Module) -> list[str]:
+    """torch.compile each transformer block in place (as DINOv3 does) -> the compiled blocks' names.
+
+    Per block rather than the whole Task: what lies between blocks (MAE's CPU-generated mask noise, the
+    EMA update with its per-step Python int, DeepSpeed's hooks) stays eager instead of breaking graphs or
+    recompiling, every block of one shape shares one graph, and parameter names do not change (checkpoints
+    and export are unaffected). The EMA copy is never trained, so it is left alone.
+    """
+    names = []
+    for name, module in task.named_modules():
+        if name.rsplit(".", 1)[-1] in ("blocks", "decoder_blocks") and not name.startswith("ema."):
+            for i, blk in enumerate(module):
+                blk.compile()
+                names.append(f"{name}.{i}")
+    return names

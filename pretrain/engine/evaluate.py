@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if env.world_size > 1:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's op-build chatter: stdout is the JSON
             pdist.setup()
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = (torch.device("cuda", pdist.device_index(env.local_rank, torch.cuda.device_count()))
+              if torch.cuda.is_available() else torch.device("cpu"))
     state, meta = load_source(args.weights)
     if not meta["timm_kwargs"].get("num_classes"):
         raise UserError(f"{args.weights} has no classifier head (an MAE encoder?): fine-tune or linear-probe "

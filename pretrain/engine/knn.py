@@ -15,8 +15,10 @@ from pretrain.engine.evaluate import IMAGENET_MEAN, IMAGENET_STD
 
 
 @torch.no_grad()
-def features(encoder: torch.nn.Module, stream, device, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) L2-normalised, labels (N,)) of the labelled samples of `stream` on this rank.
+def features(encoder: torch.nn.Module, stream, device, mean, std,
+             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D) fp32 L2-normalised, labels (N,)) of the labelled samples of `stream` on this rank;
+    images enter the encoder as `dtype` (the encoder's own under DeepSpeed fp16 / bf16 mode).
 
     The features are captured as the input of `encoder.head` while calling `encoder(...)` itself, so
     ZeRO-3's per-module parameter gathering sees an ordinary forward.
@@ -28,7 +30,7 @@ def features(encoder: torch.nn.Module, stream, device, mean, std) -> tuple[torch
     feats, labels = [], []
     try:
         for images, y in stream:
-            encoder(normalize(images.to(device, non_blocking=True), mean, std))
+            encoder(normalize(images.to(device, non_blocking=True), mean, std).to(dtype))
             feats.append(F.normalize(captured.pop(), dim=1))
             labels.append(y.to(device))
     finally:
@@ -71,13 +73,13 @@ def knn_classify(train_f, train_y, val_f, k: int, temperature: float, num_classe
 
 
 def knn_top1(encoder: torch.nn.Module, train_stream, val_stream, k: int, temperature: float, device,
-             *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> float:
+             *, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float32) -> float:
     """Top-1 accuracy (fraction in [0, 1]) of the weighted k-NN classifier, over all ranks' val samples."""
     was_training = encoder.training
     encoder.eval()
     try:
-        train_f, train_y = features(encoder, train_stream, device, mean, std)
-        val_f, val_y = features(encoder, val_stream, device, mean, std)
+        train_f, train_y = features(encoder, train_stream, device, mean, std, dtype)
+        val_f, val_y = features(encoder, val_stream, device, mean, std, dtype)
     finally:
         encoder.train(was_training)
     train_f, train_y = _all_gather_rows(train_f), _all_gather_rows(train_y)

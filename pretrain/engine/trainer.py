@@ -88,8 +88,13 @@ class Trainer:
 
         self.cfg, self.env, self.stop = cfg, env, stop
         self.rank, self.world = env.rank, env.world_size
-        self.device = resolve_device(cfg.run)
+        self.device = resolve_device(cfg.run, env.local_rank)
         self.precision = resolve_precision(cfg.deepspeed, self.device)
+        if cfg.task.kind == "finetune" and cfg.finetune.ema_decay > 0 and self.precision.input_dtype != torch.float32:
+            raise UserError(f"config key finetune.ema_decay: a weight EMA needs fp32 weights, but deepspeed.precision="
+                            f"{cfg.deepspeed.precision} (bf16_mode={cfg.deepspeed.bf16_mode}) keeps the module in "
+                            f"{self.precision.input_dtype}, where updates of (1 - decay) x the change round away; "
+                            "use deepspeed.bf16_mode=autocast or finetune.ema_decay=0")
         self.run_dir = f"{cfg.run.out_dir.rstrip('/')}/{cfg.run.name}"
         self.ckpt_dir = f"{self.run_dir}/checkpoints"
 
@@ -255,9 +260,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.precision.autocast)
 
     def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal. Many ranks agree only every run.stop_check_steps steps (the
+        same steps on every rank, so all enter the all-reduce together); one process checks every step."""
+        if self.world == 1:
+            return self.stop.is_set()
+        if self.step % self.cfg.run.stop_check_steps:
+            return False
         flag = torch.tensor([1 if self.stop.is_set() else 0], dtype=torch.int32)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.flag_group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.flag_group)
         return bool(flag.item())
 
     def fit(self) -> dict:
@@ -412,10 +422,11 @@ class Trainer:
         from pretrain.engine.knn import knn_top1
 
         e, d = self.cfg.eval, self.cfg.data
-        with self._gathered():
+        with self._gathered():  # no autocast: the k-NN vote itself is fp32
             top1 = knn_top1(self.module.encoder, build_eval_stream(e.knn_train_urls, self.cfg, self.rank, self.world),
                             build_eval_stream(e.knn_val_urls, self.cfg, self.rank, self.world), e.knn_k,
-                            e.knn_temperature, self.device, mean=d.mean, std=d.std)
+                            e.knn_temperature, self.device, mean=d.mean, std=d.std,
+                            dtype=self.precision.input_dtype)
         self.engine.train()
         self.log.scalars(self.step, "knn", {"top1": top1})
 
@@ -425,9 +436,9 @@ class Trainer:
         if self.fixed_images is None:
             return
         d = self.cfg.data
-        x = self.fixed_images.to(torch.float32)
+        x = self.fixed_images.to(self.precision.input_dtype)  # the module's dtype (half under fp16)
         self.engine.eval()
-        with torch.no_grad(), self._gathered():
+        with torch.no_grad(), self._gathered(), self._autocast():
             if self.cfg.task.kind == "mae":
                 from pretrain.tasks.mae import mask_noise
 

@@ -32,7 +32,9 @@ def unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
     """Keep the (1 - mask_ratio) patches with the smallest noise, per sample.
 
-    x: (B, L, D), noise: (B, L) -> x_visible (B, L_keep, D), mask (B, L) 1 = hidden, ids_restore (B, L).
+    x: (B, L, D), noise: (B, L) -> x_visible (B, L_keep, D), mask (B, L) fp32 1 = hidden, ids_restore (B, L).
+    The mask is fp32 whatever x's dtype: its sum (the loss's denominator) overflows fp16 above 65504
+    hidden patches (micro-batch 446 at ViT-B/16) and rounds in bf16.
     """
     b, n, d = x.shape
     keep = int(n * (1 - mask_ratio))
@@ -40,7 +42,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
     x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
-    mask = torch.ones(b, n, device=x.device, dtype=x.dtype)
+    mask = torch.ones(b, n, device=x.device, dtype=torch.float32)
     mask[:, :keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return x_visible, mask, ids_restore
@@ -131,13 +133,15 @@ class MaskedAutoencoder(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
     def loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error on the hidden patches (targets per-patch normalised if norm_pix_loss)."""
+        """Mean squared error on the hidden patches (targets per-patch normalised if norm_pix_loss), in fp32
+        whatever the dtypes of imgs, pred and mask."""
         target = patchify(imgs.float(), self.patch_size)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L)
+        mask = mask.float()
         return (per_patch * mask).sum() / mask.sum()
 
     def forward_loss(self, imgs: torch.Tensor, noise: torch.Tensor):
