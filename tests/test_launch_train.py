@@ -147,7 +147,9 @@ PROBE = """\
 if [ "$1 $2" = "-m pretrain" ]; then
     {python} -c 'import json, os; from pretrain import dist; d = dist.resolve()
 env = {{k: os.environ.get(k) for k in ("SLURMD_NODENAME", "CUDA_VISIBLE_DEVICES", "SLURM_CPUS_PER_TASK")}}
-print(json.dumps(dict(env, rank=d.rank, world=d.world_size, local_rank=d.local_rank)))' >> {log}
+visible = len(env["CUDA_VISIBLE_DEVICES"].split(",")) if env["CUDA_VISIBLE_DEVICES"] else 0
+print(json.dumps(dict(env, rank=d.rank, world=d.world_size, local_rank=d.local_rank,
+                      device=dist.device_index(d.local_rank, visible))))' >> {log}
 fi
 exec {python} "$@"
 """
@@ -156,7 +158,7 @@ exec {python} "$@"
 @pytest.mark.parametrize("launch,per_task", [("srun", False), ("srun", True), ("torchrun", False)])
 def test_slurm_gpu_job_gives_each_rank_its_own_gpu(slurm_cluster, work, tmp_path, launch, per_task):
     """train.sbatch on 2 nodes x 2 GPUs (gres), 4 ranks: SLURM allocates and binds the GPUs, the script passes
-    them on, and the device each rank picks (local rank modulo the visible GPUs, pretrain.dist's rule) is a
+    them on, and the device each rank picks (pretrain.dist.device_index, the trainer's rule) is a
     different physical GPU for every rank of a node; srun tasks get --cpus-per-task, torchrun the whole node."""
     tmp_path.chmod(0o755)
     log, probe = tmp_path / "probe.jsonl", tmp_path / "python"
@@ -182,7 +184,7 @@ def test_slurm_gpu_job_gives_each_rank_its_own_gpu(slurm_cluster, work, tmp_path
         assert sorted(r["local_rank"] for r in on_node) == [0, 1], ranks
         visible = [r["CUDA_VISIBLE_DEVICES"].split(",") for r in on_node]
         assert all(len(v) == (1 if per_task else 2) for v in visible), ranks
-        picked = {v[r["local_rank"] % len(v)] for r, v in zip(on_node, visible)}
+        picked = {v[r["device"]] for r, v in zip(on_node, visible)}
         assert picked == {"0", "1"}, ranks  # two ranks, two different physical GPUs
         cpus = {r["SLURM_CPUS_PER_TASK"] for r in on_node}
         assert cpus == ({"2"} if launch == "srun" else {"4"}), ranks
