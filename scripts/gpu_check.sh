@@ -4,7 +4,7 @@
 #   BENCH_ARGS="--quick" scripts/gpu_check.sh
 #   PARTS=tests scripts/gpu_check.sh      # one part (tests | bench), e.g. to fit a time limit per command
 # Logs, JSON and summary.md go to $OUT if set, else ./gpu_check_out. On an offline machine the wheels
-# the image lacks (deepspeed, webdataset, ...; ../shared/gpu/wheels.sh puts them in .whl/) are installed
+# the image lacks (deepspeed, webdataset, pytest, ...; scripts/gpu_wheels.sh puts them in .whl/) are installed
 # into /tmp/site first, and the package runs as `python3 -m pretrain` (../shared/GPU.md).
 # Exit status: 0 when the tests and the benchmark both ran clean, else 1.
 set -uo pipefail
@@ -31,7 +31,7 @@ cat "$OUT/env.txt"
 
 tests_rc=0 bench_rc=0
 if [[ " $PARTS " == *" tests "* ]]; then
-  "$PY" -c "import pytest" 2>/dev/null || echo "gpu_check: pytest is missing here; put its wheels (pytest, pluggy, iniconfig) in .whl/"
+  "$PY" -c "import pytest" 2>/dev/null || echo "gpu_check: pytest is missing here; run scripts/gpu_wheels.sh on a machine with the registries"
   echo "== pytest -m gpu -> $OUT/gpu_tests.log"
   "$PY" -m pytest -q -m gpu -rs tests/test_gpu.py --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
   tests_rc=$?
