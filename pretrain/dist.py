@@ -323,6 +323,7 @@ class Watchdog:
         self.store = dist.PrefixStore(f"{prefix}/health", client)
         self.failed_here = False  # this rank reported its own failure and is on its way out
         self.closing = False  # teardown: the job is ending normally, the store may go at any time
+        self.ending = False  # this thread has said why this rank stops and is about to end it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vit-pretrain-watchdog", daemon=True)
         self._thread.start()
@@ -360,6 +361,7 @@ class Watchdog:
         return self.store.compare_set("error", "", msg).decode()
 
     def _end(self, msg: str) -> None:
+        self.ending = True
         print(f"vit-pretrain: rank {self.d.rank}/{self.d.world_size} ({socket.gethostname()}) {msg}",
               file=sys.stderr, flush=True)
         time.sleep(PEER_EXIT_DELAY_S)
@@ -411,10 +413,11 @@ def abort(e: BaseException) -> bool:
         msg = f"rank {rank} failed: {type(e).__name__}: {_first_line(e)}{_where(e)}"
         error = _watchdog.report(msg) if _watchdog is not None else msg
         first = error == msg
-        said = msg if first else f"stopped because {error} (here: {type(e).__name__}: {_first_line(e)})"
-        print(f"vit-pretrain: rank {rank}/{world} ({socket.gethostname()}) {said}", file=sys.stderr, flush=True)
+        said = msg if first else f"stopped because {error} (here: {type(e).__name__}: {_first_line(e)[:100]})"
+        if not (_watchdog is not None and _watchdog.ending):  # the watchdog said it already
+            print(f"vit-pretrain: rank {rank}/{world} ({socket.gethostname()}) {said}", file=sys.stderr, flush=True)
         # a backstop: if leaving still blocks (a stuck atexit hook, a worker that never joins), go anyway
-        t = threading.Timer(30.0, os._exit, (EXIT_PEER_FAILED,))
+        t = threading.Timer(30.0, os._exit, (1 if first else EXIT_PEER_FAILED,))
         t.daemon = True
         t.start()
     if dist.is_initialized():
@@ -438,7 +441,7 @@ def teardown(barrier: bool = True) -> None:
         _watchdog.closing = True
         try:
             _watchdog.store.set(f"done/{dist.get_rank()}", "1")
-        except Exception:  # noqa: BLE001  the store is gone: the barrier below says whether peers are
+        except Exception:  # noqa: BLE001  the store is gone (rank 0 left): nothing to mark
             pass
     if barrier and dist.get_world_size() > 1:
         try:

@@ -104,23 +104,23 @@ def _nonce(world_size: int) -> str:
     return nonce[0]
 
 
-def _fsync_tree(fs, path: str) -> None:
-    """Flush a local folder's files and the folder itself to disk (object stores need nothing: a PUT is
-    whole or absent). fsspec has no fsync, hence os."""
+def _fsync(fs, *paths: str) -> None:
+    """Flush local files or folders to disk (object stores need nothing: a PUT is whole or absent).
+    fsspec has no fsync, hence os."""
     if "file" not in fs.protocol and "local" not in fs.protocol:
         return
-    for folder, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(folder, os.O_RDONLY)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _fsync_tree(fs, path: str) -> None:
+    if "file" in fs.protocol or "local" in fs.protocol:
+        walk = list(os.walk(path))
+        _fsync(fs, *(os.path.join(d, n) for d, _, names in walk for n in names), *(d for d, _, _ in walk))
 
 
 def save(engine, ckpt_dir: str, step: int, client: dict, *, rank: int, world_size: int, keep: int) -> str:
@@ -145,6 +145,7 @@ def save(engine, ckpt_dir: str, step: int, client: dict, *, rank: int, world_siz
         if fs.exists(f"{root}/{tag}"):  # a stale folder (crash mid-save, rollback): never mixed with ours
             fs.mv(f"{root}/{tag}", f"{root}/{tag}.old-{nonce}", recursive=True)
         fs.mv(f"{root}/{tmp_tag}", f"{root}/{tag}", recursive=True)
+        _fsync(fs, root)  # the rename is on disk before `latest` names it
         _write_atomic(f"{ckpt_dir}/latest", tag + "\n")
         prune(ckpt_dir, keep)
     if world_size > 1:

@@ -34,39 +34,58 @@ def shards(tmp_path_factory):
 
 
 class Job:
-    """`torchrun --nproc_per_node 2 -m pretrain train ...`, its output read line by line with timestamps."""
+    """A 2-rank `vit-pretrain train` job, its output read line by line with timestamps. `launcher`:
+    `torchrun` (which ends the other workers when one exits) or `plain` (two processes given RANK,
+    WORLD_SIZE, MASTER_ADDR, ... by hand, as srun and the deepspeed launcher do: nothing but our own
+    watchdog ends a rank)."""
 
-    def __init__(self, tmp_path: Path, shards: Path, *overrides: str, env: dict | None = None):
-        self.run_dir = tmp_path / "run"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "pretrain", "train", str(CONFIG), f"data.train_urls={shards}/train.json",
-               f"run.out_dir={tmp_path}", "run.name=run", "optim.max_steps=100000", "checkpoint.every_steps=0",
-               *overrides]
+    def __init__(self, tmp_path: Path, shards: Path, *overrides: str, env: dict | None = None,
+                 launcher: str = "torchrun"):
+        self.run_dir, self.launcher = tmp_path / "run", launcher
+        train = ["-m", "pretrain", "train", str(CONFIG), f"data.train_urls={shards}/train.json",
+                 f"run.out_dir={tmp_path}", "run.name=run", "optim.max_steps=100000", "checkpoint.every_steps=0",
+                 *overrides]
         full_env = base_env(VIT_PRETRAIN_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S), **(env or {}))
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+        port = str(free_port())
+        if launcher == "torchrun":
+            cmds = [([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                      *train], full_env)]
+        else:
+            cmds = [([sys.executable, *train], dict(full_env, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                                    LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                    for r in (0, 1)]
+        self.procs = [subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, start_new_session=True) for cmd, e in cmds]
         self.lines: list[tuple[float, str]] = []
         self.workers: dict[int, psutil.Process] = {}
-        threading.Thread(target=self._read, daemon=True).start()
+        if launcher == "plain":
+            self.workers = {r: psutil.Process(p.pid) for r, p in enumerate(self.procs)}
+        for p in self.procs:
+            threading.Thread(target=self._read, args=(p,), daemon=True).start()
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
+    def _read(self, proc) -> None:
+        for line in proc.stdout:
             self.lines.append((time.monotonic(), line))
 
     @property
     def output(self) -> str:
         return "".join(line for _, line in self.lines)
 
+    @property
+    def returncodes(self) -> list[int | None]:
+        return [p.returncode for p in self.procs]
+
     def wait_step(self, step: int, timeout: float = 300) -> None:
-        """Until rank 0 logged `step` (metrics.jsonl); also learns the workers' pids by their RANK."""
+        """Until rank 0 logged `step` (metrics.jsonl); also learns torchrun's workers' pids by their RANK."""
         metrics = self.run_dir / "metrics.jsonl"
         deadline = time.monotonic() + timeout
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= step):
-            assert self.proc.poll() is None, f"job ended before step {step}:\n{self.output[-3000:]}"
+            assert all(p.poll() is None for p in self.procs), f"job ended before step {step}:\n{self.output[-3000:]}"
             assert time.monotonic() < deadline, f"no step {step} after {timeout}s:\n{self.output[-3000:]}"
             time.sleep(0.2)
-        for child in psutil.Process(self.proc.pid).children():
-            self.workers[int(child.environ()["RANK"])] = child
+        if not self.workers:
+            for child in psutil.Process(self.procs[0].pid).children():
+                self.workers[int(child.environ()["RANK"])] = child
 
     def wait_line(self, text: str, timeout: float = 120) -> float:
         """Until a line holding `text` appears; -> when it did."""
@@ -76,39 +95,46 @@ class Job:
             time.sleep(0.1)
         return found[0]
 
-    def wait_all(self, since: float, bound: float = BOUND_S) -> float:
-        """Seconds from `since` until torchrun and both workers are gone; fails past `bound` (killing them)."""
+    def wait_all(self, since: float, bound: float = BOUND_S, ranks=(0, 1)) -> float:
+        """Seconds from `since` until the launcher and the workers of `ranks` are gone; fails past `bound`.
+        Whatever is left afterwards is killed (as srun --kill-on-bad-exit would)."""
         deadline = since + bound
-        procs = [psutil.Process(self.proc.pid), *self.workers.values()]
+        procs = [psutil.Process(self.procs[0].pid)] if self.launcher == "torchrun" else []
+        procs += [self.workers[r] for r in ranks]
         try:
             while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs):
                 if time.monotonic() > deadline:
                     raise AssertionError(f"still running {bound:.0f}s after the fault:\n{self.output[-3000:]}")
                 time.sleep(0.1)
-            self.proc.wait(timeout=30)
             return time.monotonic() - since
         finally:
-            for p in procs:
-                try:
+            for p in [*self.procs]:
+                if p.poll() is None:
                     p.kill()
+            for w in self.workers.values():
+                try:
+                    w.kill()
                 except psutil.NoSuchProcess:
                     pass
+            for p in self.procs:
+                p.wait(timeout=30)
 
 
 def _assert_failed(job: Job, seconds: float, *messages: str) -> None:
     out = job.output
-    assert job.proc.returncode != 0, out[-3000:]
+    assert all(rc not in (0, None) for rc in job.returncodes), (job.returncodes, out[-3000:])
     for m in messages:
         assert m in out, f"{m!r} not in the output:\n{out[-3000:]}"
     said = [line.strip() for line in out.splitlines() if line.startswith("vit-pretrain: rank")]
-    print(f"exit {job.proc.returncode} after {seconds:.1f}s", *said, sep="\n  ")  # docs/reliability.md
+    print(f"exit {job.returncodes} after {seconds:.1f}s", *said, sep="\n  ")  # docs/reliability.md
 
 
-@pytest.mark.parametrize("where", ["step", "eval", "save"])
-def test_exception_on_one_rank_ends_the_job(shards, tmp_path, where):
+@pytest.mark.parametrize("where,launcher", [("step", "torchrun"), ("eval", "torchrun"), ("save", "torchrun"),
+                                            ("step", "plain")])
+def test_exception_on_one_rank_ends_the_job(shards, tmp_path, where, launcher):
     extra = {"step": [], "eval": [f"data.val_urls={shards}/val.json", "eval.every_steps=3"],
              "save": ["checkpoint.every_steps=3"]}[where]
-    job = Job(tmp_path, shards, *extra, env={"VIT_PRETRAIN_FAULT": f"1:3:{where}"})
+    job = Job(tmp_path, shards, *extra, env={"VIT_PRETRAIN_FAULT": f"1:3:{where}"}, launcher=launcher)
     job.wait_step(1)
     failed = job.wait_line("rank 1/2")  # printed at once, before any cleanup
     seconds = job.wait_all(failed)
@@ -152,12 +178,45 @@ def test_shard_deleted_mid_run_on_one_rank_ends_the_job(shards, tmp_path):
     assert any(name in job.output for name in doomed), job.output[-3000:]
 
 
+@pytest.mark.parametrize("launcher", ["torchrun", "plain"])
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
-def test_dead_or_hung_peer_ends_the_job(shards, tmp_path, sig):
-    job = Job(tmp_path, shards)
+def test_dead_or_hung_peer_ends_the_job(shards, tmp_path, sig, launcher):
+    job = Job(tmp_path, shards, launcher=launcher)
     job.wait_step(2)
     sent = time.monotonic()
     job.workers[1].send_signal(getattr(signal, sig))
-    seconds = job.wait_all(sent)
+    # a stopped process cannot end itself: torchrun kills it once rank 0 exits; under a plain launcher
+    # rank 0 must end on its own, and the test then kills rank 1 as srun --kill-on-bad-exit=1 would
+    seconds = job.wait_all(sent, ranks=(0, 1) if sig == "SIGKILL" or launcher == "torchrun" else (0,))
     messages = ["rank 0/2"] + (["rank 1 failed: no heartbeat"] if sig == "SIGSTOP" else [])
     _assert_failed(job, seconds, *messages)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 600 KiB tmpfs: room for the run's files and one checkpoint of the tiny model (~350 KiB), not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("the disk-full test mounts a tmpfs: it needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_disk_full_during_a_save_ends_the_job_and_keeps_the_last_checkpoint(shards, small_disk, tmp_path):
+    job = Job(small_disk, shards, "checkpoint.every_steps=2", "checkpoint.keep=3")
+    failed = job.wait_line(" failed: ", timeout=400)
+    seconds = job.wait_all(failed)
+    _assert_failed(job, seconds, "stopped because rank")
+    ck = small_disk / "run/checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000002", job.output[-3000:]
+    # the last published checkpoint is whole: another run resumes from it
+    again = subprocess.run([sys.executable, "-m", "pretrain", "train", str(CONFIG), f"data.train_urls={shards}/train.json",
+                            f"run.out_dir={tmp_path}", "run.name=again", f"checkpoint.resume={ck}/step_00000002",
+                            "optim.max_steps=3"], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"resumed from {ck}/step_00000002 at step 2" in again.stderr, again.stderr[-3000:]
