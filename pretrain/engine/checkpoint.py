@@ -123,6 +123,15 @@ def _fsync_tree(fs, path: str) -> None:
         _fsync(fs, *(os.path.join(d, n) for d, _, names in walk for n in names), *(d for d, _, _ in walk))
 
 
+def _free_space(path: str) -> str:
+    import shutil
+
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free there"
+    except OSError:  # not a local path
+        return "free space unknown"
+
+
 def save(engine, ckpt_dir: str, step: int, client: dict, *, rank: int, world_size: int, keep: int) -> str:
     """Save on every rank (collective); rank 0 then publishes it and prunes. Returns the tag."""
     tag = tag_of(step)
@@ -131,7 +140,11 @@ def save(engine, ckpt_dir: str, step: int, client: dict, *, rank: int, world_siz
     # per-rank state (data position, RNG) gathered so any rank count can resume from it
     per_rank = _gather({"data": client.pop("data_state"), "rng": rng_state()}, world_size)
     client = dict(client, per_rank=per_rank, world_size=world_size)
-    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=client, save_latest=False)
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=client, save_latest=False)
+    except Exception as e:  # torch's zip writer says "unexpected pos" for a full disk: name the folder and the room
+        raise RuntimeError(f"writing checkpoint {ckpt_dir}/{tmp_tag} failed ({_free_space(ckpt_dir)}): "
+                           f"{type(e).__name__}: {_first_line(e)}") from e
     if world_size > 1:
         dist.barrier()
     if rank == 0:
