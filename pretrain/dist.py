@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -308,7 +309,8 @@ class Watchdog:
     - it adds 1 to its own heartbeat counter; a counter that stops moving means a dead or stopped process;
     - it ends this process (EXIT_PEER_FAILED) when the store holds an `error` (a peer failed: `report`),
       when its neighbour (rank + 1) has not beaten for `timeout_s` (it records that as the error first,
-      so every rank stops), or when the store is gone (rank 0 or the launcher died).
+      so every rank stops, and kills the neighbour if it runs on this host), or when the store is gone
+      (rank 0 or the launcher died).
     One neighbour per rank keeps the load on the store flat in the world size.
     """
 
@@ -324,6 +326,7 @@ class Watchdog:
         self.failed_here = False  # this rank reported its own failure and is on its way out
         self.closing = False  # teardown: the job is ending normally, the store may go at any time
         self.ending = False  # this thread has said why this rank stops and is about to end it
+        self.store.set(f"pid/{d.rank}", f"{socket.gethostname()} {os.getpid()}")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vit-pretrain-watchdog", daemon=True)
         self._thread.start()
@@ -354,7 +357,18 @@ class Watchdog:
                 msg = (f"rank {self.peer} failed: no heartbeat for {now - seen_at:.0f}s (killed, stopped or "
                        f"hung; ${HEARTBEAT_TIMEOUT_ENV}={self.timeout_s:g})")
                 self._set_error(msg)
+                self._kill_peer()
                 self._end(f"stopped because {msg}")
+
+    def _kill_peer(self) -> None:
+        """SIGKILL the silent neighbour when it runs on this host: a stopped or wedged process cannot end
+        itself, and launchers wait for it (torchrun 30 s after SIGTERM; some forever)."""
+        try:
+            host, pid = self.store.get(f"pid/{self.peer}").decode().split()
+            if host == socket.gethostname():
+                os.kill(int(pid), signal.SIGKILL)
+        except Exception:  # noqa: BLE001  gone already, or not ours to kill: the launcher's job
+            pass
 
     def _set_error(self, msg: str) -> str:
         """Record `msg` as the job's error unless a peer's came first; -> the error that stands."""

@@ -95,12 +95,12 @@ class Job:
             time.sleep(0.1)
         return found[0]
 
-    def wait_all(self, since: float, bound: float = BOUND_S, ranks=(0, 1)) -> float:
-        """Seconds from `since` until the launcher and the workers of `ranks` are gone; fails past `bound`.
-        Whatever is left afterwards is killed (as srun --kill-on-bad-exit would)."""
+    def wait_all(self, since: float, bound: float = BOUND_S) -> float:
+        """Seconds from `since` until the launcher and both workers are gone; fails past `bound`.
+        Whatever is left afterwards is killed."""
         deadline = since + bound
         procs = [psutil.Process(self.procs[0].pid)] if self.launcher == "torchrun" else []
-        procs += [self.workers[r] for r in ranks]
+        procs += list(self.workers.values())
         try:
             while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs):
                 if time.monotonic() > deadline:
@@ -185,9 +185,8 @@ def test_dead_or_hung_peer_ends_the_job(shards, tmp_path, sig, launcher):
     job.wait_step(2)
     sent = time.monotonic()
     job.workers[1].send_signal(getattr(signal, sig))
-    # a stopped process cannot end itself: torchrun kills it once rank 0 exits; under a plain launcher
-    # rank 0 must end on its own, and the test then kills rank 1 as srun --kill-on-bad-exit=1 would
-    seconds = job.wait_all(sent, ranks=(0, 1) if sig == "SIGKILL" or launcher == "torchrun" else (0,))
+    # a stopped process cannot end itself: its neighbour (rank 0, on the same host) kills it
+    seconds = job.wait_all(sent)
     messages = ["rank 0/2"] + (["rank 1 failed: no heartbeat"] if sig == "SIGSTOP" else [])
     _assert_failed(job, seconds, *messages)
 
