@@ -1,5 +1,5 @@
-"""A fault on one rank of a 2-process torchrun job ends every process within a bound, with a non-zero exit
-and the failing rank's message (docs/reliability.md). Real shards, the real CLI, real DeepSpeed on gloo."""
+"""A fault on one rank of a 2-process job (torchrun or a plain launch) ends every process within a bound,
+with a non-zero exit and the failing rank's message (docs/reliability.md). Real shards, the real CLI, gloo."""
 from __future__ import annotations
 
 import os
