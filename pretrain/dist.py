@@ -441,7 +441,7 @@ def abort(e: BaseException) -> bool:
     return first
 
 
-def teardown(barrier: bool = True) -> None:
+def teardown() -> None:
     """Leave the process group after a successful run. The barrier first lets every rank finish its
     last collective: without it a rank that exits early can abort a peer still inside gloo (seen as
     `terminate called` at exit). The watchdog stays on through the barrier, so a peer that fails or
@@ -457,7 +457,7 @@ def teardown(barrier: bool = True) -> None:
             _watchdog.store.set(f"done/{dist.get_rank()}", "1")
         except Exception:  # noqa: BLE001  the store is gone (rank 0 left): nothing to mark
             pass
-    if barrier and dist.get_world_size() > 1:
+    if dist.get_world_size() > 1:
         try:
             dist.barrier()
         except Exception:  # a peer died: nothing left to wait for
