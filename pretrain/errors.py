@@ -12,3 +12,5 @@ EXIT_USER_ERROR = 2
 """Bad config, no shards matched, unreadable checkpoint: one line on stderr, no traceback."""
 EXIT_REQUEUE = 75
 """The trainer checkpointed on SIGTERM/SIGUSR1 and stopped early: launch scripts requeue the job (EX_TEMPFAIL)."""
+EXIT_PEER_FAILED = 3
+"""This rank stopped because another rank of the job failed or stopped answering (its message says which)."""

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pretrain.errors import UserError
+from pretrain.errors import EXIT_PEER_FAILED, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,6 +78,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pretrain import dist as pdist
+
+    try:
+        return _evaluate_weights(args)
+    except BaseException as e:
+        if not pdist.abort(e):  # says which rank failed and ends the peers now (see pretrain.dist)
+            return EXIT_PEER_FAILED
+        raise
+
+
+def _evaluate_weights(args: argparse.Namespace) -> int:
     import fsspec
 
     from pretrain import dist as pdist

@@ -1,7 +1,8 @@
 """`vit-pretrain train CONFIG [key=value ...]`: one run directory, one step loop for every task.
 
 Exit status: 0 done, 2 user error, 75 checkpointed after SIGTERM/SIGUSR1 (requeue), 1 stopped by the
-non-finite guard, anything else a crash. `train(cfg) -> dict` is the Python entry point.
+non-finite guard, 3 stopped because another rank failed, anything else a crash. `train(cfg) -> dict` is
+the Python entry point.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -17,6 +19,7 @@ import time
 import fsspec
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from pretrain import dist as pdist
 from pretrain import rng
@@ -25,11 +28,14 @@ from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.ds import initialize, resolve_device, resolve_precision
 from pretrain.engine.metrics import MetricsLogger, peak_flops
 from pretrain.engine.schedule import build_schedule
-from pretrain.errors import EXIT_REQUEUE, UserError
+from pretrain.errors import EXIT_PEER_FAILED, EXIT_REQUEUE, UserError
 from pretrain.models import model_kwargs, num_params
 from pretrain.tasks import build_task
 
 EXIT_NONFINITE = 1
+FAULT_ENV = "VIT_PRETRAIN_FAULT"
+"""Fault injection for the chaos tests (tests/chaos): `RANK:STEP:WHERE` makes rank RANK raise at optimizer
+step STEP, in the step (`step`), in evaluation (`eval`) or in the checkpoint write (`save`). Unset in real runs."""
 
 
 class NonFiniteError(RuntimeError):
@@ -41,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.max_steps=100 run.name=try1")
 
 
+@record  # under torchrun the failing rank's traceback is what the launcher reports (torchtitan does the same)
 def run(args: argparse.Namespace) -> int:
     from pretrain.cli import split_config_args
 
@@ -49,10 +56,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     except NonFiniteError as e:
+        pdist.abort(e)
         print(f"vit-pretrain train: stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE
-    finally:
-        pdist.teardown()
+    except BaseException as e:
+        if not pdist.abort(e):  # says which rank failed and ends the peers now, before any other cleanup
+            return EXIT_PEER_FAILED  # a consequence of a peer's failure: no traceback of its own
+        raise
+    pdist.teardown()
     return EXIT_REQUEUE if result.get("stopped_early") else 0
 
 
@@ -79,6 +90,13 @@ def _stop_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _fault(rank: int, step: int, where: str) -> None:
+    """Raise when $VIT_PRETRAIN_FAULT names this rank, step and place (see FAULT_ENV)."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec == f"{rank}:{step}:{where}":
+        raise RuntimeError(f"injected fault ({FAULT_ENV}={spec})")
 
 
 class Trainer:
@@ -122,8 +140,8 @@ class Trainer:
 
         if self.rank == 0:
             self._write_run_files()
-        self.resume = self._resolve_resume()
-        load_universal = bool(self.resume and self.resume[1].endswith("_universal"))
+        points, fallback = ckpt.resume_points(cfg.checkpoint.resume, self.ckpt_dir, rank=self.rank)
+        load_universal = bool(points) and points[0].needs_universal(self.world)
         self.engine, self.ds_config = initialize(self.task, cfg, self.world, self.device, self.precision,
                                                  load_universal=load_universal)
         self.module = self.engine.module
@@ -133,8 +151,9 @@ class Trainer:
         self.step, self.epoch, self.samples_seen = 0, 0, 0
         self.skipped_total, self.skipped_run = 0, 0
         self.last_good_tag = None
-        if self.resume:
-            self._load(*self.resume)
+        if points:
+            self._load(*ckpt.load_resume(self.engine, points, fallback, rank=self.rank, world_size=self.world,
+                                        universal=load_universal))
             self.schedule = build_schedule(cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps)
         self.flops_per_image = 3.0 * self.module.flops_per_image()  # forward + backward
         self.peak = peak_flops(self.device)
@@ -161,21 +180,8 @@ class Trainer:
         with fs.open(f"{root}/model.json", "w") as f:
             json.dump(model, f, indent=2)
 
-    def _resolve_resume(self):
-        found = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
-        if not found:
-            return None
-        folder, tag = found
-        meta = ckpt.read_meta(folder, tag)
-        if meta["world_size"] != self.world and meta["zero_stage"] >= 1:
-            # ZeRO partitions depend on the world size: DeepSpeed's universal format loads on any
-            tag = ckpt.to_universal(folder, tag, rank=self.rank)
-        return folder, tag
-
-    def _load(self, folder: str, tag: str) -> None:
-        client = ckpt.load(self.engine, folder, tag)
-        if not client and tag.endswith("_universal"):  # universal output may lack the client state
-            client = ckpt.load_client_state(folder, tag.removesuffix("_universal"))
+    def _load(self, point: ckpt.ResumePoint, tag: str, client: dict) -> None:
+        """Take over a loaded checkpoint's position: step, epoch, data, RNG (the policy: ckpt.load_resume)."""
         self.step = int(client["step"])
         self.epoch = int(client["epoch"])
         self.samples_seen = int(client["samples_seen"])
@@ -190,9 +196,9 @@ class Trainer:
             ckpt.set_rng_state(per_rank[self.rank]["rng"])
         else:  # another world size: the stream re-splits the rest of the epoch from any rank's state
             self.stream.load_state_dict(per_rank[0]["data"])
-        self.last_good_tag = tag.removesuffix("_universal")
+        self.last_good_tag = point.tag
         if self.rank == 0:
-            print(f"resumed from {folder}/{tag} at step {self.step} (epoch {self.epoch})", file=sys.stderr)
+            print(f"resumed from {point.folder}/{tag} at step {self.step} (epoch {self.epoch})", file=sys.stderr)
 
     def _build_mixup(self):
         t = self.cfg.task
@@ -319,6 +325,7 @@ class Trainer:
             step_loss = metrics if step_loss is None else {k: step_loss[k] + v for k, v in metrics.items()}
         self.step += 1
         self.samples_seen += self.effective_batch
+        _fault(self.rank, self.step, "step")
         if engine.was_step_applied():  # a Python bool DeepSpeed already holds: no extra sync
             window.add({k: v / accum for k, v in step_loss.items()})
             self.skipped_run = 0
@@ -377,6 +384,7 @@ class Trainer:
                   "total_steps": self.total_steps, "effective_batch": self.effective_batch,
                   "skipped_total": self.skipped_total, "config": to_yaml(self.cfg),
                   "data_state": self.stream.state_dict()}
+        _fault(self.rank, self.step, "save")
         self.last_good_tag = ckpt.save(self.engine, self.ckpt_dir, self.step, client, rank=self.rank,
                                        world_size=self.world, keep=self.cfg.checkpoint.keep)
 
@@ -401,6 +409,7 @@ class Trainer:
         self.engine.eval()
         with torch.no_grad(), self._gathered():
             for images, labels in build_eval_stream(d.val_urls, self.cfg, self.rank, self.world):
+                _fault(self.rank, self.step, "eval")
                 x = normalize(images.to(self.device, non_blocking=True), d.mean, d.std).to(self.precision.input_dtype)
                 y = labels.to(self.device, non_blocking=True)
                 with self._autocast():
