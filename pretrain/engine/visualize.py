@@ -86,17 +86,21 @@ def load_model(weights: str | None, arch: str | None = None) -> Loaded:
 # ----------------------------------------------------------------------------- image
 
 
-def load_image(url: str, meta: dict[str, Any]) -> tuple[np.ndarray, torch.Tensor]:
+def read_image(url: str) -> bytes:
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"image not found: {url!r}") from None
+
+
+def load_image(url: str, meta: dict[str, Any], data: bytes | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """(the eval crop as uint8 (S, S, 3), the normalised model input (1, C, S, S)) of any image file."""
     from pretrain.data.transforms import BadSample, Decoder
     from pretrain.engine.evaluate import eval_config
 
     cfg = eval_config(meta, 1, 0)
-    try:
-        with fsspec.open(url, "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, IsADirectoryError):
-        raise UserError(f"image not found: {url!r}") from None
+    data = read_image(url) if data is None else data
     try:
         # eval's own decoder: the resize to img_size / eval_crop_pct and the centre crop eval uses
         arr = Decoder("eval", meta["timm_kwargs"]["img_size"], cfg.data)({"jpg": data})
@@ -213,7 +217,9 @@ def _font(size: int):
 
 
 def _scaled(arr: np.ndarray) -> Image.Image:
-    return Image.fromarray(arr).convert("RGB").resize((PANEL, PANEL), Image.Resampling.BICUBIC)
+    """The image at panel size: small inputs (digits at 32 px) as sharp pixels, larger ones smoothly."""
+    resample = Image.Resampling.NEAREST if 2 * max(arr.shape[:2]) <= PANEL else Image.Resampling.BICUBIC
+    return Image.fromarray(arr).convert("RGB").resize((PANEL, PANEL), resample)
 
 
 def _heat(image: Image.Image, amap: torch.Tensor) -> Image.Image:
@@ -296,13 +302,14 @@ def draw(name: str, loaded: Loaded, crop: np.ndarray, maps: dict[str, torch.Tens
 
 def visualize(images: list[str], weights: str | None, out_dir: str, arch: str | None = None) -> list[str]:
     """Write one PNG per image into out_dir; returns their paths."""
+    files = [read_image(url) for url in images]  # a wrong path fails before the model loads
     loaded = load_model(weights, arch)
     mean = loaded.meta.get("mean")
     std = loaded.meta.get("std")
     written: list[str] = []
     fs, root = fsspec.core.url_to_fs(out_dir)
     fs.makedirs(root, exist_ok=True)
-    inputs = [(url, *load_image(url, loaded.meta)) for url in images]  # every image checked before drawing
+    inputs = [(url, *load_image(url, loaded.meta, data)) for url, data in zip(images, files)]
     for url, crop, x in inputs:
         maps = attention(loaded.encoder, x)
         mae_images = None
