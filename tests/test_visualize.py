@@ -114,3 +114,17 @@ def test_cli_writes_pictures_and_refuses_bad_images(trained, tmp_path):
         assert len(p.stderr.strip().splitlines()) == 1
     p = run_cli("visualize", trained["image"], "--weights", str(tmp_path / "nothing"), "--out", str(out))
     assert p.returncode == 2 and "weights not found" in p.stderr
+
+
+def test_attention_capture_leaves_the_forward_unchanged_with_registers_and_qk_norm():
+    torch.manual_seed(0)
+    model = create_model(NANO, num_classes=3, reg_tokens=4, qk_norm=True).eval()
+    x = torch.randn(1, 3, 16, 16)
+    before = [blk.attn.fused_attn for blk in model.blocks]
+    with torch.no_grad():
+        fused = model(x)
+    maps = attention(model, x)
+    torch.testing.assert_close(maps["logits"], fused[0], atol=1e-5, rtol=1e-5)  # unfused = fused
+    assert [blk.attn.fused_attn for blk in model.blocks] == before  # restored
+    assert not any(blk.attn.attn_drop._forward_hooks for blk in model.blocks)
+    assert maps["heads"].shape == (2, 4, 4) and maps["rollout"].shape == (4, 4)  # registers are not patches
