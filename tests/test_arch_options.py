@@ -86,3 +86,13 @@ def test_bad_option_values_are_user_errors():
         load_config(None, ["model.init_values=0"])
     with pytest.raises(UserError, match="model.mlp"):
         load_config(None, ["model.mlp=relu"])
+
+
+def test_weights_with_other_options_are_a_user_error():
+    from pretrain.models import create_model, load_weights
+
+    src = create_model("vit_nano_patch4_16", num_classes=0, reg_tokens=4, mlp="swiglu")
+    with pytest.raises(UserError, match="pos_embed.*model.. options"):
+        load_weights(create_model("vit_nano_patch4_16", num_classes=0), src.state_dict())
+    load_weights(create_model("vit_nano_patch4_16", num_classes=5, img_size=32, reg_tokens=4, mlp="swiglu"),
+                 src.state_dict(), new_head=True)  # the same options load, resampled to a larger image

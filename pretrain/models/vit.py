@@ -130,11 +130,16 @@ def load_weights(model: VisionTransformer, state_dict: dict[str, torch.Tensor], 
                 state_dict[f"fc_norm.{k}"] = state_dict.pop(f"norm.{k}")
     # timm's own filter resamples pos_embed to the new grid and patch_embed to a new patch size.
     state_dict = checkpoint_filter_fn(state_dict, model)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    hint = "; set the model.* options (size, reg_tokens, init_values, qk_norm, mlp) of the run that made them"
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shape mismatches, e.g. weights with register tokens into a model without
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:2])
+        raise UserError(f"weights do not fit the model: {detail}{hint}") from None
     allowed_missing = {"head.weight", "head.bias"} if new_head else set()
     bad_missing = [k for k in missing if k not in allowed_missing]
     if bad_missing or unexpected:
-        raise UserError(f"weights do not fit the model: missing {bad_missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"weights do not fit the model: missing {bad_missing[:5]}, unexpected {unexpected[:5]}{hint}")
     return missing, unexpected
 
 
