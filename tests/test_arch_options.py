@@ -30,7 +30,7 @@ def _train_export(shards, tmp_path, recipe: str, *options: str):
         f"data.train_urls={shards}/train.json", f"run.out_dir={tmp_path}", "optim.max_steps=3",
         "checkpoint.every_steps=3", "data.workers=0", *options])
     run_dir = train(cfg)["run_dir"]
-    result = export(run_dir, out=str(tmp_path / "out.safetensors"))  # raises unless timm reproduces the run
+    export(run_dir, out=str(tmp_path / "out.safetensors"))  # raises unless timm reproduces the run
     meta = json.loads((tmp_path / "out.json").read_text())
     # what a user does, with nothing of ours: plain timm from the JSON, strict
     model = timm.create_model(meta["timm_name"], pretrained=False, **meta["timm_kwargs"]).eval()
@@ -39,7 +39,7 @@ def _train_export(shards, tmp_path, recipe: str, *options: str):
     x = fixed_input(meta)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
-    return model, result
+    return model, run_dir
 
 
 def test_register_tokens(shards, tmp_path):
@@ -67,11 +67,20 @@ def test_swiglu_at_zero3(shards, tmp_path):
     assert not isinstance(model.blocks[0].ls1, LayerScale)  # the SwiGLU factory's LayerScale default is off
 
 
-def test_mae_with_every_option(shards, tmp_path):
-    model, _ = _train_export(shards, tmp_path, "mae_tiny_cpu", "model.reg_tokens=2", "model.init_values=1e-5",
-                             "model.qk_norm=true", "model.mlp=swiglu", "model.pos_embed=sincos")
+def test_mae_with_every_option_at_zero3(shards, tmp_path):
+    model, run_dir = _train_export(shards, tmp_path, "mae_tiny_cpu", "model.reg_tokens=2", "model.init_values=1e-5",
+                             "model.qk_norm=true", "model.mlp=swiglu", "model.pos_embed=sincos",
+                             "deepspeed.zero_stage=3")
     assert model.num_prefix_tokens == 3 and isinstance(model.blocks[0].mlp, GluMlp)
+    # the run directory draws: attention past the registers, the decoder's reconstruction
+    from PIL import Image
+
+    from pretrain.engine.visualize import layout, visualize
     from pretrain.tasks.mae import MaeTask
+
+    Image.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy()).save(tmp_path / "noise.png")
+    [png] = visualize([str(tmp_path / "noise.png")], run_dir, str(tmp_path / "pics"))
+    assert Image.open(png).size == layout(2, True)[:2]
 
     cfg = load_config(str(REPO / "configs/pretrain/mae_tiny_cpu.yaml"), ["model.reg_tokens=2"])
     task = MaeTask(cfg)
