@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 from conftest import run_cli
 from pretrain.config import load_config
 from pretrain.data.writer import write_shards
-from pretrain.engine.export import build_timm, consolidate, encoder_state, export, reference_model, save_exported, timm_spec
+from pretrain.engine.export import (build_timm, consolidate, encoder_state, export, reference_model, save_exported,
+                                    timm_spec)
 from pretrain.engine.trainer import train
 from pretrain.engine.visualize import PANEL, attention, layout, load_image, load_model, visualize
 from pretrain.models import create_model
@@ -108,7 +109,8 @@ def test_cli_writes_pictures_and_refuses_bad_images(trained, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert sorted(x.name for x in out.iterdir()) == ["shapes.png", "shapes_2.png"]
     assert p.stdout.split() == [str(out / "shapes.png"), str(out / "shapes_2.png")]
-    for bad, says in ((tmp_path / "missing.jpg", "image not found"), (trained["dir"] / "sup.json", "not a readable image")):
+    bad_images = ((tmp_path / "missing.jpg", "image not found"), (trained["dir"] / "sup.json", "not a readable image"))
+    for bad, says in bad_images:
         p = run_cli("visualize", str(bad), "--weights", trained["sup"], "--out", str(out))
         assert p.returncode == 2 and says in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1

@@ -396,7 +396,9 @@ def write_hf(state: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: str,
                         f"global_pool={k.get('global_pool')!r}. Use the safetensors export with timm")
     if not k.get("qkv_bias", True):
         raise UserError("--format hf: transformers' ViT needs qkv_bias=True")
-    extra = [key for key in OPTION_KEYS if k.get(key)] + (["mlp=swiglu"] if meta["timm_name"] == SWIGLU_TIMM_NAME else [])
+    extra = [key for key in OPTION_KEYS if k.get(key)]
+    if meta["timm_name"] == SWIGLU_TIMM_NAME:
+        extra.append("mlp=swiglu")
     if extra:
         raise UserError(f"--format hf: transformers' ViT has no {', '.join(extra)}; use the safetensors export "
                         "with timm")
