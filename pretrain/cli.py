@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("pretrain.engine.trainer", "train (supervised, mae, finetune, linprobe) from a config"),
     "export": ("pretrain.engine.export", "export a run's checkpoint to a timm-loadable safetensors file"),
     "eval": ("pretrain.engine.evaluate", "evaluate exported weights on labelled shards (JSON out)"),
+    "visualize": ("pretrain.engine.visualize", "patch grid, attention per head, rollout and MAE reconstruction as PNGs"),
     "config": ("pretrain.cli", "print the resolved config"),
     "bench": ("pretrain.bench", "benchmarks: ours vs a baseline in the same run"),
     "quickstart": ("pretrain.quickstart", "digits: shards, MAE pretrain, export, fine-tune, probe, eval"),

@@ -63,6 +63,17 @@ class ModelConfig:
     """Learned position embeddings, or fixed 2-D sin-cos ones (frozen, as in MAE)."""
     qkv_bias: bool = True
     """Bias on the attention q/k/v projection."""
+    reg_tokens: int = 0
+    """Register tokens (Darcet et al., 2023): learned tokens after the class token that give global computation
+    a place other than background patches; DINOv2-reg uses 4. 0 = none."""
+    init_values: Optional[float] = None
+    """LayerScale (CaiT): each block's residual branches are scaled per channel, starting at this value
+    (1e-5 in DINOv2 and deep ViTs, 0.1 for small ones); None = no LayerScale."""
+    qk_norm: bool = False
+    """LayerNorm on queries and keys per head (ViT-22B): steadies the attention logits at large sizes and lrs."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """Block MLP: GELU, or SwiGLU (timm's SwiGLUPacked with SiLU, as DINOv2 and EVA-02). SwiGLU's first layer
+    holds value and gate, so its hidden width is mlp_ratio * embed_dim / 2: mlp_ratio 5.33 matches GELU at 4."""
     drop_path_rate: float = 0.0
     """Stochastic depth rate at the last block (linearly increasing over depth)."""
     grad_checkpointing: bool = False
@@ -459,6 +470,9 @@ def validate(cfg: Config) -> None:
     _check(arch["mlp_ratio"] > 0, "model.mlp_ratio", arch["mlp_ratio"], "must be positive")
     _check(m.num_classes is None or m.num_classes >= 0, "model.num_classes", m.num_classes, "must be >= 0")
     _check(m.in_chans in (1, 3), "model.in_chans", m.in_chans, "must be 1 or 3")
+    _check(m.reg_tokens >= 0, "model.reg_tokens", m.reg_tokens, "must be >= 0")
+    _check(m.init_values is None or m.init_values > 0, "model.init_values", m.init_values,
+           "must be positive, or null for no LayerScale")
     _check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", m.drop_path_rate, "must be in [0, 1)")
 
     _check(0.0 <= t.label_smoothing < 1.0, "task.label_smoothing", t.label_smoothing, "must be in [0, 1)")

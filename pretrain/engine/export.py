@@ -27,9 +27,16 @@ log = logging.getLogger(__name__)
 # training-time option, our `pos_embed`/`grad_checkpointing` are not timm's).
 ARCH_KEYS = ("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth",
              "num_heads", "mlp_ratio", "qkv_bias")
+# Architecture options (model.reg_tokens, init_values, qk_norm), exported only when set, so exports
+# without them keep their arguments.
+OPTION_KEYS = ("reg_tokens", "init_values", "qk_norm")
 # timm's generic name for non-timm sizes: every architecture number is passed explicitly, so the
 # name only picks timm's ViT factory (and its default pretrained config).
 GENERIC_TIMM_NAME = "vit_base_patch16_224"
+# The factory for a SwiGLU MLP: JSON cannot name timm's layer classes, but this registration passes
+# mlp_layer=SwiGLUPacked and act_layer=SiLU itself; its other defaults (LayerScale 1e-5, size) are
+# overridden by the explicit arguments.
+SWIGLU_TIMM_NAME = "vit_giant_patch14_dinov2"
 
 
 class ExportMismatch(RuntimeError):
@@ -156,6 +163,12 @@ def timm_spec(name: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     full = dict(ARCHS.get(name, {}), num_classes=1000, global_pool="token", qkv_bias=True)
     full.update({k: v for k, v in kwargs.items() if v is not None})
     out = {k: full[k] for k in ARCH_KEYS if k in full}
+    out.update({k: full[k] for k in OPTION_KEYS if full.get(k)})
+    if full.get("mlp", "gelu") == "swiglu":
+        # no LayerScale must override the factory's 1e-5: timm.create_model drops None arguments, and
+        # its Block builds LayerScale only for a truthy init_values, so 0.0 says "none"
+        out["init_values"] = full.get("init_values") or 0.0
+        return SWIGLU_TIMM_NAME, out
     return (name if name in TIMM_NAMES else GENERIC_TIMM_NAME), out
 
 
@@ -383,6 +396,12 @@ def write_hf(state: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: str,
                         f"global_pool={k.get('global_pool')!r}. Use the safetensors export with timm")
     if not k.get("qkv_bias", True):
         raise UserError("--format hf: transformers' ViT needs qkv_bias=True")
+    extra = [key for key in OPTION_KEYS if k.get(key)]
+    if meta["timm_name"] == SWIGLU_TIMM_NAME:
+        extra.append("mlp=swiglu")
+    if extra:
+        raise UserError(f"--format hf: transformers' ViT has no {', '.join(extra)}; use the safetensors export "
+                        "with timm")
     num_classes = int(k.get("num_classes", 0) or 0)
     mae = meta.get("task") == "mae"
     common = dict(hidden_size=k["embed_dim"], num_hidden_layers=k["depth"], num_attention_heads=k["num_heads"],

@@ -61,13 +61,27 @@ def model_kwargs(model_cfg, num_classes: int) -> dict[str, Any]:
     return dict(
         resolve_arch(model_cfg), num_classes=num_classes, in_chans=model_cfg.in_chans,
         global_pool=model_cfg.global_pool, pos_embed=model_cfg.pos_embed, qkv_bias=model_cfg.qkv_bias,
-        drop_path_rate=model_cfg.drop_path_rate, grad_checkpointing=model_cfg.grad_checkpointing)
+        reg_tokens=model_cfg.reg_tokens, init_values=model_cfg.init_values, qk_norm=model_cfg.qk_norm,
+        mlp=model_cfg.mlp, drop_path_rate=model_cfg.drop_path_rate, grad_checkpointing=model_cfg.grad_checkpointing)
+
+
+def mlp_layers(mlp: str) -> dict[str, Any]:
+    """timm's block MLP arguments for `model.mlp`: 'gelu' (timm's default) or 'swiglu' (SwiGLUPacked + SiLU,
+    as timm's DINOv2 and EVA-02 registrations build it)."""
+    if mlp == "gelu":
+        return {}
+    if mlp == "swiglu":
+        from timm.layers import SwiGLUPacked
+
+        return {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU}
+    raise UserError(f"mlp must be 'gelu' or 'swiglu', got {mlp!r}")
 
 
 def create_model(name: str = "vit_base_patch16_224", **overrides) -> VisionTransformer:
     """A ViT by registered name; keyword arguments override the architecture's numbers or options.
 
-    Options beyond timm's: `pos_embed="sincos"` (fixed 2-D sin-cos, frozen) and `grad_checkpointing`.
+    Options beyond timm's: `pos_embed="sincos"` (fixed 2-D sin-cos, frozen), `mlp` ('gelu' or 'swiglu',
+    a name for timm's MLP layer arguments) and `grad_checkpointing`.
     """
     if name not in ARCHS:
         raise UserError(f"unknown architecture {name!r}; registered: {', '.join(list_models())}")
@@ -77,6 +91,7 @@ def create_model(name: str = "vit_base_patch16_224", **overrides) -> VisionTrans
     grad_ckpt = kwargs.pop("grad_checkpointing", False)
     if pos_embed not in ("learned", "sincos"):
         raise UserError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+    kwargs.update(mlp_layers(kwargs.pop("mlp", "gelu")))
     model = VisionTransformer(**kwargs)
     if pos_embed == "sincos":
         init_sincos_pos_embed(model)
@@ -115,11 +130,16 @@ def load_weights(model: VisionTransformer, state_dict: dict[str, torch.Tensor], 
                 state_dict[f"fc_norm.{k}"] = state_dict.pop(f"norm.{k}")
     # timm's own filter resamples pos_embed to the new grid and patch_embed to a new patch size.
     state_dict = checkpoint_filter_fn(state_dict, model)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    hint = "; set the model.* options (size, reg_tokens, init_values, qk_norm, mlp) of the run that made them"
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shape mismatches, e.g. weights with register tokens into a model without
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:2])
+        raise UserError(f"weights do not fit the model: {detail}{hint}") from None
     allowed_missing = {"head.weight", "head.bias"} if new_head else set()
     bad_missing = [k for k in missing if k not in allowed_missing]
     if bad_missing or unexpected:
-        raise UserError(f"weights do not fit the model: missing {bad_missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"weights do not fit the model: missing {bad_missing[:5]}, unexpected {unexpected[:5]}{hint}")
     return missing, unexpected
 
 
@@ -127,7 +147,7 @@ def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def block_flops(tokens: int, dim: int, hidden: int) -> float:
+def block_flops(tokens: int, dim: int, hidden: float) -> float:
     """Forward FLOPs of one pre-norm transformer block on `tokens` tokens (2 per multiply-add).
 
     qkv projection, attention scores and weighted sum, output projection, two MLP matmuls; norms,
@@ -145,7 +165,9 @@ def flops_per_image(model: VisionTransformer, tokens: int | None = None) -> floa
     """
     d = model.embed_dim
     n = tokens if tokens is not None else model.patch_embed.num_patches + model.num_prefix_tokens
-    hidden = model.blocks[0].mlp.fc1.out_features
+    mlp = model.blocks[0].mlp
+    # GELU: fc1 d->H, fc2 H->d. SwiGLUPacked: fc1 d->H (value and gate), fc2 H/2->d; the mean counts both
+    hidden = (mlp.fc1.out_features + mlp.fc2.in_features) / 2
     n_patches = n - model.num_prefix_tokens
     patch = 2 * n_patches * d * math.prod(model.patch_embed.proj.weight.shape[1:])
     head = 2 * d * model.num_classes if model.num_classes else 0

@@ -1,0 +1,349 @@
+"""`vit-pretrain visualize IMAGE... --weights W`: what a ViT looks at, one PNG per image.
+
+Each picture holds the input cut into its numbered patches, the attention of the class token (or, for
+a model that pools the mean of its patch tokens, of the mean patch query) in the last block, per head and
+averaged over heads, the attention rollout over all blocks (Abnar & Zuidema, 2020), and, for an MAE run
+directory (whose checkpoint keeps the decoder), the masked input and its reconstruction.
+
+The image is prepared as eval prepares it (the exported model's input size, eval crop and normalisation).
+Attention probabilities come from timm's own Attention modules run unfused (`fused_attn=False`): the
+fused SDPA kernel never materialises them, the unfused path hands them to `attn_drop`, where a hook reads
+them. Drawing uses PIL (always installed), so the layout is exact to the pixel and `layout()` tells
+where each panel lies.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from pretrain.errors import UserError
+
+PANEL = 320  # panel side in pixels: a 14x14 grid keeps ~23 px per patch, room for its number
+CAPTION = 22  # caption strip under each panel
+GAP = 10
+TITLE = 48  # two lines: image, weights and (for classifiers) the top predictions
+HEAD_COLS = 6  # head panels per row
+HEAT = dict(black="#000004", mid="#bc3754", white="#fcffa4")  # inferno's ends and middle, for ImageOps.colorize
+
+
+@dataclass
+class Loaded:
+    """The model to look into: a timm ViT, the export meta its preprocessing comes from, and the MAE
+    task (decoder included) when the weights are an MAE run directory."""
+    encoder: torch.nn.Module
+    meta: dict[str, Any]
+    source: str
+    mae: torch.nn.Module | None = None
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def load_model(weights: str | None, arch: str | None = None) -> Loaded:
+    """An exported `.safetensors` (+ its JSON), a run directory, or (weights None) a random `arch`."""
+    from pretrain.engine.export import _fs, build_timm, consolidate, export_state, load_exported, timm_spec
+
+    if weights is None:
+        from pretrain.models import create_model
+
+        arch = arch or "vit_base_patch16_224"
+        torch.manual_seed(0)
+        encoder = create_model(arch, num_classes=0).eval()
+        name, kwargs = timm_spec(arch, {"num_classes": 0})
+        meta = {"timm_name": name, "timm_kwargs": kwargs, "arch": arch, "num_classes": 0, "class_names": [],
+                "task": "", "mean": None, "std": None, "eval_crop_pct": None}
+        return Loaded(encoder, meta, f"random init ({arch}, seed 0)")
+    if arch is not None:
+        raise UserError(f"--arch {arch} is for a random init: the weights {weights!r} name their own architecture")
+    fs, path = _fs(weights)
+    if not fs.exists(path):
+        raise UserError(f"weights not found: {weights!r} (an exported .safetensors file or a run directory)")
+    if not fs.isdir(path):
+        state, meta = load_exported(weights)
+        return Loaded(build_timm(meta, state), meta, weights)
+    state, meta = export_state(weights)
+    if meta.get("task") != "mae":
+        return Loaded(build_timm(meta, state), meta, weights)
+    # an MAE run: rebuild the whole task from the run's config so the decoder can reconstruct
+    from pretrain.config import load_config
+    from pretrain.tasks import build_task
+
+    module_state, _ = consolidate(weights, meta["tag"])
+    task = build_task(load_config(f"{weights.rstrip('/')}/config.yaml"), 0)
+    task.load_state_dict(module_state, strict=True)
+    return Loaded(task.encoder.eval(), meta, weights, mae=task.eval())
+
+
+# ----------------------------------------------------------------------------- image
+
+
+def read_image(url: str) -> bytes:
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"image not found: {url!r}") from None
+
+
+def load_image(url: str, meta: dict[str, Any], data: bytes | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """(the eval crop as uint8 (S, S, 3), the normalised model input (1, C, S, S)) of any image file."""
+    from pretrain.data.transforms import BadSample, Decoder
+    from pretrain.engine.evaluate import eval_config
+
+    cfg = eval_config(meta, 1, 0)
+    data = read_image(url) if data is None else data
+    try:
+        # eval's own decoder: the resize to img_size / eval_crop_pct and the centre crop eval uses
+        arr = Decoder("eval", meta["timm_kwargs"]["img_size"], cfg.data)({"jpg": data})
+    except BadSample:
+        raise UserError(f"{url}: not a readable image file (jpg, png, webp, bmp, tiff, ...)") from None
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()[None] / 255  # (1, 3, S, S)
+    if meta["timm_kwargs"].get("in_chans", 3) == 1:
+        x = x.mean(1, keepdim=True)
+    mean = torch.tensor(cfg.data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, -1, 1, 1)
+    return arr, (x - mean) / std
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@contextlib.contextmanager
+def _unfused(encoder):
+    """Run every block's timm Attention unfused and collect its softmax probabilities (B, h, N, N)."""
+    attns = [blk.attn for blk in encoder.blocks]
+    probs: list[torch.Tensor] = []
+    saved = [a.fused_attn for a in attns]
+    hooks = [a.attn_drop.register_forward_hook(lambda m, i, o: probs.append(o.detach())) for a in attns]
+    for a in attns:
+        a.fused_attn = False
+    try:
+        yield probs
+    finally:
+        for a, fused in zip(attns, saved):
+            a.fused_attn = fused
+        for h in hooks:
+            h.remove()
+
+
+def pooled_query(encoder) -> str:
+    """Which query the head reads: 'class token', or 'mean patch query' for average pooling."""
+    if getattr(encoder, "cls_token", None) is not None and getattr(encoder, "global_pool", "token") == "token":
+        return "class token"
+    return "mean patch query"
+
+
+@torch.no_grad()
+def attention(encoder, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Attention to every patch of image x (1, C, H, W): per head in the last block (h, gh, gw),
+    their mean (gh, gw), and the rollout over all blocks (gh, gw); and the logits when the model has a head."""
+    with _unfused(encoder) as probs:
+        logits = encoder(x)
+    prefix = encoder.num_prefix_tokens
+    gh, gw = encoder.patch_embed.grid_size
+    cls = pooled_query(encoder) == "class token"
+
+    def query(a: torch.Tensor) -> torch.Tensor:  # (..., N, N) -> (..., L): the pooled query's row over patches
+        row = a[..., 0, :] if cls else a[..., prefix:, :].mean(-2)
+        return row[..., prefix:]
+
+    last = probs[-1][0]  # (h, N, N)
+    heads = query(last).reshape(-1, gh, gw)
+    # rollout: average the heads, add the residual path (identity), renormalise rows, multiply through depth
+    n = last.shape[-1]
+    eye = torch.eye(n)
+    rollout = eye
+    for a in probs:
+        a = a[0].mean(0) + eye  # (N, N)
+        rollout = (a / a.sum(-1, keepdim=True)) @ rollout
+    return {"heads": heads, "mean": heads.mean(0), "rollout": query(rollout).reshape(gh, gw),
+            "logits": logits[0] if logits.ndim == 2 and logits.shape[-1] > 0 and encoder.num_classes else None}
+
+
+@torch.no_grad()
+def reconstruct(mae, x: torch.Tensor, mean, std, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """MAE's masked input and reconstruction (visible patches pasted back) of x, as uint8 (S, S, 3)."""
+    noise = torch.rand(1, mae.num_patches, generator=torch.Generator().manual_seed(seed))
+    masked, recon = mae.reconstruct(x, noise)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+
+    def to_uint8(t: torch.Tensor) -> np.ndarray:
+        t = (t.float() * s + m).clamp(0, 1)[0]
+        if t.shape[0] == 1:
+            t = t.expand(3, -1, -1)
+        return (t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+    return to_uint8(masked), to_uint8(recon)
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def panel_names(n_heads: int, mae: bool) -> tuple[list[str], list[str]]:
+    """(top-row panels, head panels) in drawing order."""
+    top = ["input", "rollout", "mean"] + (["masked", "reconstruction"] if mae else [])
+    return top, [f"head_{i}" for i in range(n_heads)]
+
+
+def layout(n_heads: int, mae: bool) -> tuple[int, int, dict[str, tuple[int, int, int, int]]]:
+    """(width, height, {panel: (left, top, right, bottom)}) of the picture, in pixels."""
+    top, heads = panel_names(n_heads, mae)
+    cols = max(len(top), min(n_heads, HEAD_COLS))
+    cell_w, cell_h = PANEL + GAP, PANEL + CAPTION + GAP
+    boxes = {}
+    for i, name in enumerate(top):
+        boxes[name] = (GAP + i * cell_w, TITLE, GAP + i * cell_w + PANEL, TITLE + PANEL)
+    y0 = TITLE + cell_h + CAPTION  # a section caption above the heads
+    for i, name in enumerate(heads):
+        r, c = divmod(i, cols)
+        x, y = GAP + c * cell_w, y0 + r * cell_h
+        boxes[name] = (x, y, x + PANEL, y + PANEL)
+    rows = -(-n_heads // cols)
+    return GAP + cols * cell_w, y0 + rows * cell_h, boxes
+
+
+def _font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def _scaled(arr: np.ndarray) -> Image.Image:
+    """The image at panel size: small inputs (digits at 32 px) as sharp pixels, larger ones smoothly."""
+    resample = Image.Resampling.NEAREST if 2 * max(arr.shape[:2]) <= PANEL else Image.Resampling.BICUBIC
+    return Image.fromarray(arr).convert("RGB").resize((PANEL, PANEL), resample)
+
+
+def _heat(image: Image.Image, amap: torch.Tensor) -> Image.Image:
+    """A (gh, gw) map, scaled to [0, 1], coloured and laid over the image; one flat block per patch."""
+    a = amap.float()
+    a = (a - a.min()) / (a.max() - a.min() + 1e-12)
+    grey = Image.fromarray((a.numpy() * 255).round().astype(np.uint8)).resize((PANEL, PANEL), Image.Resampling.NEAREST)
+    return Image.blend(image, ImageOps.colorize(grey, **HEAT), 0.65)
+
+
+def _patch_grid(image: Image.Image, gh: int, gw: int) -> Image.Image:
+    """The image with its patch grid and each patch's index (raster order: token index - prefix)."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    cw, ch = PANEL / gw, PANEL / gh
+    for i in range(1, gw):
+        draw.line([(i * cw, 0), (i * cw, PANEL)], fill=(255, 255, 255), width=1)
+    for j in range(1, gh):
+        draw.line([(0, j * ch), (PANEL, j * ch)], fill=(255, 255, 255), width=1)
+    size = int(min(cw, ch) * 0.38)
+    if size >= 6:  # below that the numbers are unreadable; the grid alone still shows the patches
+        font = _font(min(size, 16))
+        for j in range(gh):
+            for i in range(gw):
+                draw.text((i * cw + 2, j * ch + 1), str(j * gw + i), font=font, fill=(255, 255, 255),
+                          stroke_width=1, stroke_fill=(0, 0, 0))
+    return out
+
+
+def _top_classes(logits: torch.Tensor | None, names: list[str], k: int = 3) -> str:
+    if logits is None:
+        return ""
+    p = logits.float().softmax(-1)
+    top = p.topk(min(k, p.numel()))
+    label = [names[i] if i < len(names) else str(i) for i in top.indices.tolist()]
+    return "   predicted: " + ", ".join(f"{n} {v:.2f}" for n, v in zip(label, top.values.tolist()))
+
+
+def draw(name: str, loaded: Loaded, crop: np.ndarray, maps: dict[str, torch.Tensor],
+         mae_images: tuple[np.ndarray, np.ndarray] | None) -> Image.Image:
+    """The picture: title, top row (input + grid, rollout, mean of heads, MAE panels), then each head."""
+    enc = loaded.encoder
+    n_heads = maps["heads"].shape[0]
+    width, height, boxes = layout(n_heads, mae_images is not None)
+    gh, gw = enc.patch_embed.grid_size
+    p = enc.patch_embed.patch_size[0]
+    depth = len(enc.blocks)
+    query = pooled_query(enc)
+    image = _scaled(crop)
+    panels = {
+        "input": (_patch_grid(image, gh, gw), f"input {crop.shape[1]}x{crop.shape[0]}: {gh}x{gw} patches of {p} px"),
+        "rollout": (_heat(image, maps["rollout"]), f"attention rollout over {depth} blocks"),
+        "mean": (_heat(image, maps["mean"]), f"last block, mean of {n_heads} heads"),
+    }
+    if mae_images is not None:
+        ratio = loaded.mae.mask_ratio
+        panels["masked"] = (_scaled(mae_images[0]), f"MAE input, {ratio:.0%} of patches hidden")
+        panels["reconstruction"] = (_scaled(mae_images[1]), "MAE reconstruction + visible patches")
+    for i in range(n_heads):
+        panels[f"head_{i}"] = (_heat(image, maps["heads"][i]), f"head {i}")
+
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    pen = ImageDraw.Draw(canvas)
+    title, small = _font(15), _font(13)
+    pen.text((GAP, 6), f"{name}   {loaded.meta.get('arch') or loaded.meta['timm_name']}"
+             f"{_top_classes(maps.get('logits'), loaded.meta.get('class_names') or [])}", font=title, fill=(0, 0, 0))
+    pen.text((GAP, 26), f"weights: {loaded.source}", font=small, fill=(80, 80, 80))
+    for key, (img, caption) in panels.items():
+        left, top, _, bottom = boxes[key]
+        canvas.paste(img, (left, top))
+        pen.text((left, bottom + 4), caption, font=small, fill=(0, 0, 0))
+    first_head = boxes["head_0"]
+    pen.text((GAP, first_head[1] - CAPTION + 2), f"last block ({depth - 1}): attention of the {query} "
+             f"to each patch, per head (each map scaled to its own range)", font=small, fill=(0, 0, 0))
+    return canvas
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def visualize(images: list[str], weights: str | None, out_dir: str, arch: str | None = None) -> list[str]:
+    """Write one PNG per image into out_dir; returns their paths."""
+    files = [read_image(url) for url in images]  # a wrong path fails before the model loads
+    loaded = load_model(weights, arch)
+    mean = loaded.meta.get("mean")
+    std = loaded.meta.get("std")
+    written: list[str] = []
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    fs.makedirs(root, exist_ok=True)
+    inputs = [(url, *load_image(url, loaded.meta, data)) for url, data in zip(images, files)]
+    for url, crop, x in inputs:
+        maps = attention(loaded.encoder, x)
+        mae_images = None
+        if loaded.mae is not None:
+            from pretrain.engine.evaluate import eval_config
+
+            d = eval_config(loaded.meta, 1, 0).data
+            mae_images = reconstruct(loaded.mae, x, mean or d.mean, std or d.std)
+        picture = draw(os.path.basename(url), loaded, crop, maps, mae_images)
+        stem = os.path.splitext(os.path.basename(url.rstrip("/")))[0] or "image"
+        name, n = f"{stem}.png", 1
+        while f"{out_dir.rstrip('/')}/{name}" in written:  # two inputs with one file name
+            n += 1
+            name = f"{stem}_{n}.png"
+        path = f"{out_dir.rstrip('/')}/{name}"
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG")
+        with fsspec.open(path, "wb") as f:
+            f.write(buf.getvalue())
+        written.append(path)
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", help="image files (any size, any format PIL reads; any fsspec URL)")
+    parser.add_argument("--weights", default=None,
+                        help="exported .safetensors (its .json next to it) or a run directory (MAE runs add the "
+                             "reconstruction); omit for a random init of --arch")
+    parser.add_argument("--arch", default=None, help="architecture of the random init when --weights is omitted "
+                                                     "(default vit_base_patch16_224)")
+    parser.add_argument("--out", default="visualize", help="output folder (default ./visualize)")
+
+
+def run(args: argparse.Namespace) -> int:
+    for path in visualize(args.images, args.weights, args.out, args.arch):
+        print(path)
+    return 0
