@@ -47,13 +47,33 @@ def _tb(run_dir):
 def test_schedule_scales_warms_up_and_decays():
     cfg = load_config(None, ["optim.lr_per_256=1e-3", "optim.warmup_steps=4", "optim.min_lr=1e-5"])
     s = build_schedule(cfg.optim, effective_batch=512, steps_per_epoch=10, total_steps=20)
+    step = lambda i: s(i * 512, 512)  # noqa: E731  the lr of optimizer step i at a constant batch
     assert s.peak_lr == pytest.approx(2e-3)
-    assert [s(i) for i in range(4)] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3])
-    assert s(4) == pytest.approx(2e-3)
-    assert s(12) == pytest.approx(1e-5 + (2e-3 - 1e-5) * 0.5)
-    assert s(19) > s(20 - 1 + 100) == pytest.approx(1e-5)
+    assert [step(i) for i in range(4)] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3])
+    assert step(4) == pytest.approx(2e-3)
+    assert step(12) == pytest.approx(1e-5 + (2e-3 - 1e-5) * 0.5)
+    assert step(19) > step(20 - 1 + 100) == pytest.approx(1e-5)
     warm_epochs = build_schedule(load_config(None, ["optim.warmup_epochs=1.5"]).optim, 256, 10, 100)
-    assert warm_epochs.warmup_steps == 15
+    assert warm_epochs.warmup_samples == 15 * 256
+
+
+def test_schedule_keeps_its_place_in_images_when_the_batch_changes():
+    """A resume on half the GPUs (half the effective batch) continues warm-up and cosine where the
+    checkpoint left them; only the peak follows the new batch (linear scaling)."""
+    cfg = load_config(None, ["optim.lr_per_256=1e-3", "optim.warmup_epochs=1", "optim.min_lr=0"])
+    old = build_schedule(cfg.optim, effective_batch=512, steps_per_epoch=10, total_steps=40)
+    new = build_schedule(cfg.optim, effective_batch=256, steps_per_epoch=20, total_steps=80,
+                         horizon=old.state_dict())
+    assert new.peak_lr == pytest.approx(old.peak_lr / 2)
+    assert (new.warmup_samples, new.total_samples) == (10 * 512, 40 * 512)
+    # mid warm-up (after 6 steps of 512): the next 256 images are 6.5/10 of the way up, at the new peak
+    assert new(6 * 512, 256) == pytest.approx(new.peak_lr * 6.5 / 10)
+    # mid cosine (after 25 steps of 512): the same fraction of the way down as the old run would be
+    for seen in (25 * 512, 33 * 512):
+        assert new(seen, 256) / new.peak_lr == pytest.approx(old(seen, 512) / old.peak_lr)
+    # half the images of the horizon's cosine part seen: half-way down (a per-step schedule re-derived
+    # from the new batch, as a resume did before, would put step 25 of 80 at 0.98 of the peak)
+    assert new(25 * 512, 256) == pytest.approx(new.peak_lr * 0.5)  # half-way down the cosine
 
 
 def test_ds_config_derives_batch_fields_and_merges_extra():

@@ -125,6 +125,56 @@ def test_two_process_checkpoint_resumes_on_one_process(two_proc_runs, shards, ki
     assert (run / "checkpoints/latest").read_text().strip() == f"step_{n + 3:08d}"
 
 
+def _universal_state(ckpt: Path) -> dict:
+    """{param/name: tensor} of DeepSpeed's universal form of `ckpt` (fp32 weights, Adam's moments)."""
+    import torch
+
+    out = ckpt.parent / f"{ckpt.name}_check"
+    if not out.exists():
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(ckpt), "--output_folder", str(out), "--num_extract_workers", "1",
+                               "--num_merge_workers", "1", "--inject_missing_state"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    def tensor(f):  # a bare tensor, or (some DeepSpeed versions) a dict holding it as "param"
+        x = torch.load(f, weights_only=True)
+        return x["param"] if isinstance(x, dict) else x
+
+    return {f"{f.parent.name}/{f.stem}": tensor(f)
+            for f in sorted((out / "zero").glob("*/*.pt")) if f.stem in ("fp32", "exp_avg", "exp_avg_sq")}
+
+
+def test_world_size_change_resume_carries_weights_optimizer_and_schedule(two_proc_runs, shards, tmp_path):
+    """A 2-process ZeRO-3 checkpoint resumed on 1 process: right after the load, the consolidated weights
+    and Adam's moments equal the checkpoint's, and the schedule keeps its place in images seen while the
+    peak lr follows the halved effective batch."""
+    import torch
+
+    from pretrain.engine.export import consolidate
+
+    run, n = two_proc_runs[("supervised", 3)], STEPS["supervised"]
+    tag = f"step_{n:08d}"
+    proc = run_cli("train", str(CONFIGS["supervised"]), f"data.train_urls={shards}/train.json",
+                   f"run.out_dir={tmp_path}", "run.name=one", "deepspeed.zero_stage=3", f"optim.max_steps={n}",
+                   f"checkpoint.resume={run}/checkpoints/{tag}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {run}/checkpoints/{tag}_universal at step {n}" in proc.stderr, proc.stderr[-3000:]
+    assert "effective batch 16 -> 8 on resume" in proc.stderr
+    one = tmp_path / "one"
+    assert (one / "checkpoints/latest").read_text().strip() == tag  # saved here, untrained since the load
+    a, _ = consolidate(str(run), tag)
+    b, _ = consolidate(str(one), tag)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ua, ub = _universal_state(run / "checkpoints" / tag), _universal_state(one / "checkpoints" / tag)
+    assert sorted(ua) == sorted(ub) and any(k.endswith("/exp_avg_sq") for k in ua)
+    differ = [k for k in ua if not torch.equal(ua[k], ub[k])]
+    assert not differ, differ[:5]
+    before, after = (json.loads((r / "derived.json").read_text()) for r in (run, one))
+    assert after["peak_lr"] == pytest.approx(before["peak_lr"] / 2)
+    assert (after["warmup_samples"], after["schedule_samples"]) == (before["warmup_samples"],
+                                                                    before["schedule_samples"])
+
+
 def test_one_process_checkpoint_resumes_on_two_processes(shards, tmp_path):
     common = [f"data.train_urls={shards}/train.json", f"run.out_dir={tmp_path}", "run.name=grow",
               "checkpoint.every_steps=4"]

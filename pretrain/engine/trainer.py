@@ -27,7 +27,7 @@ from pretrain.config import Config, load_config, to_yaml
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.ds import initialize, resolve_device, resolve_precision
 from pretrain.engine.metrics import MetricsLogger, peak_flops
-from pretrain.engine.schedule import build_schedule
+from pretrain.engine.schedule import build_schedule, peak_lr
 from pretrain.errors import EXIT_PEER_FAILED, EXIT_REQUEUE, UserError
 from pretrain.models import model_kwargs, num_params
 from pretrain.tasks import build_task
@@ -154,7 +154,6 @@ class Trainer:
         if points:
             self._load(*ckpt.load_resume(self.engine, points, fallback, rank=self.rank, world_size=self.world,
                                         universal=load_universal))
-            self.schedule = build_schedule(cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps)
         self.flops_per_image = 3.0 * self.module.flops_per_image()  # forward + backward
         self.peak = peak_flops(self.device)
         if self.world > 1:  # the stop flag travels on a CPU group: no device sync
@@ -186,17 +185,28 @@ class Trainer:
         self.epoch = int(client["epoch"])
         self.samples_seen = int(client["samples_seen"])
         self.skipped_total = int(client.get("skipped_total", 0))
-        if client["effective_batch"] != self.effective_batch and not self.cfg.optim.max_steps:
-            # another world size: the same number of samples as planned, in steps of the new batch
-            left = max(0, client["total_steps"] * client["effective_batch"] - self.samples_seen)
-            self.total_steps = self.step + math.ceil(left / self.effective_batch)
+        # the schedule keeps its place in images seen (older checkpoints: derived from their steps and batch)
+        horizon = client.get("schedule") or build_schedule(
+            self.cfg.optim, client["effective_batch"], self.stream.num_samples // client["effective_batch"],
+            client["total_steps"]).state_dict()
+        self.schedule = build_schedule(self.cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps,
+                                       horizon=horizon)
+        if client["effective_batch"] != self.effective_batch:
+            if not self.cfg.optim.max_steps:  # the same number of images as planned, in steps of the new batch
+                left = max(0, horizon["total_samples"] - self.samples_seen)
+                self.total_steps = self.step + math.ceil(left / self.effective_batch)
+            if self.rank == 0:
+                old = peak_lr(self.cfg.optim, client["effective_batch"])
+                print(f"effective batch {client['effective_batch']} -> {self.effective_batch} on resume: peak lr "
+                      f"{old:.4g} -> {self.schedule.peak_lr:.4g} (optim.lr_per_256 x batch / 256); warm-up and "
+                      f"cosine continue at {self.samples_seen} of {horizon['total_samples']} images", file=sys.stderr)
         per_rank = client["per_rank"]
         if len(per_rank) == self.world:
             self.stream.load_state_dict(per_rank[self.rank]["data"])
             ckpt.set_rng_state(per_rank[self.rank]["rng"])
         else:  # another world size: the stream re-splits the rest of the epoch from any rank's state
             self.stream.load_state_dict(per_rank[0]["data"])
-        self.last_good_tag = point.tag
+        self.last_good_tag = point.tag if point.folder.rstrip("/") == self.ckpt_dir.rstrip("/") else None  # elsewhere: save here too
         if self.rank == 0:
             print(f"resumed from {point.folder}/{tag} at step {self.step} (epoch {self.epoch})", file=sys.stderr)
 
@@ -220,7 +230,8 @@ class Trainer:
             "world_size": self.world, "device": str(self.device), "precision": self.precision.name,
             "zero_stage": self.engine.zero_optimization_stage(), "micro_batch": self.cfg.data.batch_size,
             "accum_steps": self.cfg.optim.accum_steps, "effective_batch": self.effective_batch,
-            "peak_lr": s.peak_lr, "min_lr": s.min_lr, "warmup_steps": s.warmup_steps, "total_steps": self.total_steps,
+            "peak_lr": s.peak_lr, "min_lr": s.min_lr, "warmup_samples": s.warmup_samples,
+            "schedule_samples": s.total_samples, "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch, "samples_per_epoch": self.stream.num_samples,
             "num_classes": self.num_classes, "params": num_params(self.module),
             "train_flops_per_image": self.flops_per_image, "start_step": self.step,
@@ -307,7 +318,7 @@ class Trainer:
         if self._batch_iter is None:
             self._batch_iter = self._batches()
         window = self._window
-        lr = self.schedule(self.step)
+        lr = self.schedule(self.samples_seen, self.effective_batch)
         for g in engine.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         step_loss = None
@@ -382,6 +393,7 @@ class Trainer:
     def _save(self) -> None:
         client = {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
                   "total_steps": self.total_steps, "effective_batch": self.effective_batch,
+                  "schedule": self.schedule.state_dict(),
                   "skipped_total": self.skipped_total, "config": to_yaml(self.cfg),
                   "data_state": self.stream.state_dict()}
         _fault(self.rank, self.step, "save")
