@@ -16,22 +16,7 @@ from pretrain.dist import device_index, resolve
 from pretrain.engine.ds import Precision, build_ds_config, build_optimizer, compile_blocks, resolve_precision
 from pretrain.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_MAE = str(REPO / "configs/pretrain/mae_tiny_cpu.yaml")
-TINY_SUP = str(REPO / "configs/pretrain/supervised_tiny_cpu.yaml")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from pretrain.data.writer import write_shards
-
-    out = tmp_path_factory.mktemp("shards")
-    write_shards("synthetic:160", str(out), samples_per_shard=40, val_fraction=0.2)
-    return out
-
-
-def _cfg(path, shards, tmp_path, *extra):
-    return load_config(path, [f"data.train_urls={shards}/train.json", f"run.out_dir={tmp_path}", *extra])
+from test_engine import REPO, TINY_MAE, TINY_SUP, _cfg, shards  # noqa: F401  (shards: the same module fixture)
 
 
 # ------------------------------------------------------------------------------- 1. device selection
