@@ -277,8 +277,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.precision.autocast)
 
     def _stop_requested(self) -> bool:
-        """Whether any rank got a stop signal. Many ranks agree only every run.stop_check_steps steps (the
-        same steps on every rank, so all enter the all-reduce together); one process checks every step."""
+        """Whether any rank got a stop signal: the same answer on every rank at the same step. Many ranks
+        vote every run.stop_check_steps steps (a CPU all-reduce on a gloo group: no device sync); one
+        process checks every step."""
         if self.world == 1:
             return self.stop.is_set()
         if self.step % self.cfg.run.stop_check_steps:
