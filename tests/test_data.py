@@ -317,3 +317,32 @@ def test_randaugment_at_full_magnitude_decodes():
     decoder.secondary.transforms[0].ops = [posterize]  # every draw now posterizes at 0 bits
     out = decoder({"png": png(3, side=16)})
     assert out.shape == (16, 16, 3)
+
+
+WORKERS_SIGNALLED = """
+import multiprocessing, subprocess, sys
+from tests.test_data import make_cfg, flat
+from pretrain.data import build_train_stream
+stream = build_train_stream(make_cfg(sys.argv[1]), 0, 1)
+epoch = stream.iter_epoch(0)
+got = [next(epoch)[1].tolist()]
+workers = [str(p.pid) for p in multiprocessing.active_children()]
+assert len(workers) == 2, workers
+for sig in ("TERM", "USR1"):  # sent by another process, as slurmstepd does to every process of a step
+    subprocess.run(["kill", f"-{sig}", *workers], check=True)
+got += [y.tolist() for _, y in epoch]
+print(flat(got), flush=True)
+LEFT_RUNNING = stream.iter_epoch(1)  # the interpreter exits with live workers blocked in their queues
+next(LEFT_RUNNING)
+"""
+
+
+def test_workers_survive_slurm_signals_and_end_with_the_process(shards):
+    """SLURM sends a pre-emption SIGTERM/SIGUSR1 to the data workers too: the epoch must go on (the trainer
+    checkpoints), and the process must still exit promptly with workers that ignore SIGTERM."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", WORKERS_SIGNALLED, shards], capture_output=True, text=True,
+                          timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(flat(labels_of(build_train_stream(make_cfg(shards), 0, 1), 0))), proc.stdout

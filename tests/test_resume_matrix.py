@@ -77,8 +77,12 @@ def _kill9_at(cmd: list[str], run_dir: Path, step: int) -> None:
             break
         time.sleep(0.05)
     assert proc.poll() is None, f"the run ended before step {step}: {proc.stderr.read()[-3000:]}"
-    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-        p.kill()
+    tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:  # a short-lived child (a data worker at an epoch's end) already gone
+            pass
     proc.wait()
 
 

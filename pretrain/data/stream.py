@@ -7,8 +7,11 @@ size are hand-written (webdataset has neither); tar access and URL opening are i
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import multiprocessing
+import signal
 from collections import Counter
 from typing import Iterator, Optional
 
@@ -100,7 +103,27 @@ def _seed_batch(*key: int) -> np.random.Generator:
 
 
 def _worker_init(_):
+    """Data workers ignore SIGTERM and SIGUSR1. SLURM signals every process of a job step, workers included;
+    torch's worker handler re-raises a SIGTERM that does not come from the trainer, so the worker died and the
+    trainer failed with "DataLoader worker killed" instead of checkpointing. A worker still ends with its
+    trainer: on the iterator's shutdown, on torch's parent watchdog, or at `_end_workers_at_exit`."""
     torch.set_num_threads(1)
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
+@functools.cache
+def _register_worker_reaper() -> None:
+    atexit.register(_end_workers_at_exit)  # registered after multiprocessing's own handler, so it runs first
+
+
+def _end_workers_at_exit() -> None:
+    """multiprocessing's exit handler SIGTERMs daemonic children and then joins them: a data worker ignores
+    SIGTERM (see `_worker_init`), so a loader not shut down by then would make the trainer wait forever."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a worker failure
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
 
 
 # ----------------------------------------------------------------------------- train
@@ -264,13 +287,19 @@ class TrainStream:
 
 
 def _reraise_user_errors(loader):
-    """A UserError raised in a worker arrives wrapped with a traceback: re-raise it as one line."""
+    """A UserError raised in a worker arrives wrapped with a traceback: re-raise it as one line. Workers are
+    shut down when the consumer stops early too (not left to the garbage collector)."""
+    if loader.num_workers:
+        _register_worker_reaper()
+    it = iter(loader)
     try:
-        yield from loader
+        yield from it
     except UserError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         msg = lines[-1].split("UserError: ", 1)[-1] if lines else str(e)
         raise UserError(msg) from None
+    finally:
+        getattr(it, "_shutdown_workers", lambda: None)()
 
 
 def count_samples(shards: list[str]) -> list[int]:
