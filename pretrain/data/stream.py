@@ -11,6 +11,7 @@ import atexit
 import functools
 import logging
 import multiprocessing
+import os
 import signal
 from collections import Counter
 from typing import Iterator, Optional
@@ -106,10 +107,17 @@ def _worker_init(_):
     """Data workers ignore SIGTERM and SIGUSR1. SLURM signals every process of a job step, workers included;
     torch's worker handler re-raises a SIGTERM that does not come from the trainer, so the worker died and the
     trainer failed with "DataLoader worker killed" instead of checkpointing. A worker still ends with its
-    trainer: on the iterator's shutdown, on torch's parent watchdog, or at `_end_workers_at_exit`."""
+    trainer: on the iterator's shutdown, at `_end_workers_at_exit`, or on a signal once the trainer is gone
+    (torchrun signals a dead rank's process group)."""
     torch.set_num_threads(1)
+    trainer = os.getppid()
+
+    def on_signal(signum, frame):
+        if os.getppid() != trainer:
+            os._exit(0)
+
     for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, on_signal)
 
 
 @functools.cache
