@@ -346,3 +346,70 @@ def test_workers_survive_slurm_signals_and_end_with_the_process(shards):
                           timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == str(flat(labels_of(build_train_stream(make_cfg(shards), 0, 1), 0))), proc.stdout
+
+
+RAGGED: list = []
+
+
+def _take(streams, epoch, n):
+    """Real (weight 1) labels of the next n batches of every rank's stream, checking that each ragged step's
+    `real` is the count of weight-1 samples over its ranks and micro-batches."""
+    got = [list(zip(range(n), s.iter_epoch_weighted(epoch))) for s in streams]
+    accum = streams[0].layout.accum
+    labels = []
+    for i in range(0, n, accum):
+        step = [b for g in got for _, b in g[i:i + accum]]
+        RAGGED.append(step[0][3] is not None)
+        reals = {b[3] for b in step}
+        assert len(reals) == 1  # every rank and micro-batch of a step agrees on its normaliser
+        counted = sum(len(b[1]) if b[2] is None else int(b[2].sum()) for b in step)
+        assert reals.pop() in (None, counted) and (counted == sum(len(b[1]) for b in step)) == (step[0][3] is None)
+        labels += [v for b in step for v, w in zip(b[1].tolist(), (b[2] if b[2] is not None else [1] * len(b[1])))
+                   if w]
+    return labels
+
+
+# (world, workers, batch, accum, optimizer steps to take; None: to the epoch's end)
+CHAINS = [
+    [(2, 2, 4, 1, 3), (3, 1, 3, 2, 2), (1, 0, 5, 1, None)],
+    [(1, 3, 2, 3, 2), (4, 2, 3, 1, 1), (2, 1, 4, 2, 1), (3, 0, 2, 2, None)],
+    [(3, 1, 5, 1, 2), (2, 2, 4, 1, None)],
+]
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids=["2-3-1", "1-4-2-3", "3-2"])
+@pytest.mark.parametrize("mode", ["epochs", "resampled"])
+def test_relayout_chains_learn_each_sample_exactly_once(shards, chain, mode):
+    """Resumed on other ranks, workers, micro-batch sizes and accumulation at random points of an epoch, then
+    again in the next: each epoch's real samples are those of an uninterrupted run, each exactly once."""
+    def cfg_of(world, workers, batch, accum, _):
+        extra = {"data.samples_per_epoch": 61} if mode == "resampled" else {}
+        return make_cfg(shards, **{"data.workers": workers, "data.batch_size": batch, "optim.accum_steps": accum,
+                                   "data.mode": mode, **extra})
+
+    def streams_of(layout, state):
+        out = [build_train_stream(cfg_of(*layout), r, layout[0]) for r in range(layout[0])]
+        for s in out:
+            if state:
+                s.load_state_dict(state)
+        return out
+
+    state = None
+    RAGGED.clear()
+    for epoch, stages in ((0, chain), (1, chain[::-1])):
+        seen = []
+        for layout in stages:
+            streams = streams_of(layout, state)
+            left = streams[0].remaining_batches(epoch)
+            n = left if layout[4] is None else min(left, layout[4] * layout[3])
+            seen += _take(streams, epoch, n)
+            if layout[4] is None:
+                assert all(s.remaining_batches(epoch) == 0 for s in streams)
+            state = streams[0].state_dict()
+        whole = streams_of(stages[0], {"epoch": epoch, "layers": [], **{k: state[k] for k in state
+                                                                           if k not in ("epoch", "layers")}})
+        expected = _take(whole, epoch, whole[0].remaining_batches(epoch))
+        assert sorted(seen) == sorted(expected)  # the same multiset (resampled mode draws shards with replacement)
+        assert mode == "resampled" or len(set(expected)) == len(expected)
+        state = {**state, "epoch": epoch + 1, "layers": []}
+    assert any(RAGGED)  # the chain did leave ragged steps (the weights were exercised)

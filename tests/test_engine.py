@@ -275,3 +275,63 @@ def test_bucket_size_fitted_to_the_model():
     for n in (1_000_001, 22_050_667, 86_567_659):                # DeepSpeed asserts the alignment
         assert bucket_elements(0, n, 384) % 1024 == 0
     assert bucket_elements(123, 600_000_000, 1280) == 123        # an explicit size wins
+
+
+# ------------------------------------------------------------------------------------- ragged steps
+def test_ragged_step_learns_from_its_real_samples_only(tmp_path):
+    """After a re-layout an epoch can end in a ragged step: padding samples carry weight 0 and the step's
+    loss is averaged over its real samples (over ranks and micro-batches). One step of 2 micro-batches of 4,
+    3 real samples in all, must update the weights exactly as one step on those 3 samples alone."""
+    import threading
+
+    from pretrain import dist as pdist
+    from pretrain.bench.step import MemoryStream, bench_config
+    from pretrain.engine.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (8, 3, 16, 16), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+
+    class Ragged(MemoryStream):
+        def __init__(self, batches):
+            super().__init__(x, y, 10)
+            self.batches = batches
+
+        def iter_epoch_weighted(self, epoch):
+            yield from self.batches
+
+    def one_step(batch, accum, batches):
+        cfg = bench_config("vit_nano_patch4_16", 16, batch, 0, "supervised", str(tmp_path / str(accum)),
+                           [f"optim.accum_steps={accum}", "optim.grad_clip=0"])
+        trainer = Trainer(cfg, pdist.setup(), threading.Event(), stream=Ragged(batches))
+        names = {p: n for n, p in trainer.engine.module.named_parameters()}
+        grads = {}
+        opt = trainer.engine.optimizer
+        opt = getattr(opt, "optimizer", opt)  # the torch AdamW under DeepSpeed's wrapper, if any
+        opt.register_step_pre_hook(lambda o, *_: grads.update(
+            {names[p]: p.grad.detach().clone() for group in o.param_groups for p in group["params"]}))
+        trainer.train_steps(1)
+        assert grads, "no gradient captured"
+        return grads  # what the step applied (AdamW itself would hide a scale: its first step is ~lr*sign(g))
+
+    w1, w2 = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.zeros(4)  # padding: x[1], then all of x[4:8]
+    ragged = one_step(4, 2, [(x[:4], y[:4], w1, 3), (x[4:], y[4:], w2, 3)])
+    alone = one_step(3, 1, [(x[[0, 2, 3]], y[[0, 2, 3]], None, None)])
+    unweighted = one_step(4, 2, [(x[:4], y[:4], None, None), (x[4:], y[4:], None, None)])
+    for name in alone:
+        torch.testing.assert_close(ragged[name], alone[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.allclose(unweighted[n], alone[n]) for n in alone)  # the weights did matter
+
+
+def test_mae_loss_leaves_padding_out():
+    from pretrain.config import load_config
+    from pretrain.tasks.mae import MaeTask
+
+    cfg = load_config(TINY_MAE, [])
+    task = MaeTask(cfg)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 16, 16, generator=g)
+    noise = torch.rand(4, task.num_patches, generator=g)
+    weighted, _, _ = task.forward_loss(x, noise, torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    alone, _, _ = task.forward_loss(x[1:3], noise[1:3])
+    torch.testing.assert_close(weighted, alone)

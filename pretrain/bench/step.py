@@ -36,9 +36,9 @@ class MemoryStream:
     def remaining_batches(self, epoch: int) -> int:
         return self.batches_per_epoch
 
-    def iter_epoch(self, epoch: int):
+    def iter_epoch_weighted(self, epoch: int):
         while True:
-            yield self.images, self.labels
+            yield self.images, self.labels, None, None
 
     def state_dict(self) -> dict:
         return {}

@@ -10,14 +10,20 @@ batches, and the DataLoader hands batches out round-robin (batch j comes from wo
 after n batches on a rank each worker's consumption is known: n // W + (w < n % W) batches.
 Within a slot, blocks of S samples are permuted with an RNG seeded by (seed, epoch, layer, slot, block).
 
-The first layer of an epoch drops the < R*B tail. Resuming with another world size or worker count
-adds a layer over exactly the positions the previous layers did not consume; it pads (repeating its
-first positions) only when the remaining batches do not divide evenly over the new ranks.
+An optimizer step takes A micro-batches (gradient accumulation), so an epoch holds whole steps: the first
+layer has a multiple of A batches per rank and drops the < R*B*A tail. Resuming with another world size,
+worker count, micro-batch size or A adds a layer over exactly the positions the previous layers did not
+consume. When those do not fill whole steps on every rank, the layer is padded (repeating its first
+positions) to equal batch counts, and the padded samples carry weight 0: the epoch's last steps are
+ragged, their loss averaged over the real samples only (`Layer.short_batches`), so each sample of the
+epoch is learnt from exactly once whatever the re-layouts. The cost: up to R*B*A-1 padded samples
+decoded and computed, but not learnt from, once per re-layout.
 Segments are (k, 2) int64 arrays of [start, stop) so a plan never materialises all N positions.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -28,6 +34,7 @@ class Layout:
     workers: int
     batch_size: int
     shuffle_block: int
+    accum: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,9 +86,10 @@ class Layer:
     def __init__(self, seq: np.ndarray, layout: Layout, index: int, seed: int, epoch: int):
         self.seq, self.layout, self.index, self.seed, self.epoch = seq, layout, index, seed, epoch
         self.m = seg_len(seq)
-        per_rank = layout.world_size * layout.batch_size
-        # first layer: drop the tail; later layers: pad so that no remaining sample is lost
-        self.batches_per_rank = self.m // per_rank if index == 0 else -(-self.m // per_rank)
+        per_step = layout.world_size * layout.batch_size * layout.accum
+        # first layer: drop the tail; later layers: pad (weight 0) so that no remaining sample is lost
+        steps = self.m // per_step if index == 0 else -(-self.m // per_step)
+        self.batches_per_rank = steps * layout.accum
 
     def slot(self, rank: int, worker: int) -> tuple[int, int, int]:
         """(first virtual index, batches, slot id) of a rank's worker."""
@@ -100,6 +108,35 @@ class Layer:
     def slot_segs(self, rank: int, worker: int) -> np.ndarray:
         v0, batches, _ = self.slot(rank, worker)
         return seg_slice(self.seq, v0, v0 + batches * self.layout.batch_size)
+
+    def slot_order(self, rank: int, worker: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(block, slot-relative indices in the order the slot yields them) for each block of a slot."""
+        _, batches, slot = self.slot(rank, worker)
+        length, s = batches * self.layout.batch_size, self.layout.shuffle_block
+        for j in range(-(-length // s)):
+            yield j, self.block_perm(slot, j, min(s, length - j * s)) + j * s
+
+    def short_batches(self) -> dict[int, int]:
+        """{rank batch index: real samples in it summed over ranks} for the batches that hold padding (virtual
+        index >= m); every other batch holds world_size * batch_size real samples. Padding exists only in a
+        later layer, in the slot holding index m and the slots after it."""
+        lay, b = self.layout, self.layout.batch_size
+        full = lay.world_size * b
+        if self.index == 0 or self.batches_per_rank * full == self.m:
+            return {}
+        total = np.zeros(self.batches_per_rank, np.int64)
+        for r in range(lay.world_size):
+            for w in range(lay.workers):
+                v0, batches, _ = self.slot(r, w)
+                if v0 + batches * b <= self.m:
+                    counts = b
+                elif v0 >= self.m:
+                    counts = 0
+                else:
+                    order = np.concatenate([o for _, o in self.slot_order(r, w)])
+                    counts = (v0 + order < self.m).reshape(batches, b).sum(axis=1)
+                total[np.arange(batches) * lay.workers + w] += counts  # slot batch k is its rank's batch k*W+w
+        return {n: int(c) for n, c in enumerate(total) if c < full}
 
     def block_perm(self, slot: int, block: int, length: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch, self.index, slot, block])

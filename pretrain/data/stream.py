@@ -156,8 +156,10 @@ class _TrainSlots(IterableDataset):
         segs = layer.slot_segs(self.rank, w)
         b, s = lay.batch_size, lay.shuffle_block
         length, pos, k = batches * b, done * b, done
+        v0 = layer.slot(self.rank, w)[0]
         reader = _Reader(self.shards)
         pending: list = []
+        real: list = []  # False for padding (virtual index >= layer.m): decoded, weight 0
         last_good = None
         try:
             while pos < length:
@@ -169,15 +171,16 @@ class _TrainSlots(IterableDataset):
                 got = {int(v): reader.get(int(sh), int(i)) for v, sh, i in zip(need, shard, intra)}
                 for v in perm:
                     pending.append(got.pop(int(v)))
+                    real.append(v0 + j * s + v < layer.m)
                     if len(pending) == b:
-                        out, last_good = self._batch(pending, layer.index, slot, k, last_good)
+                        out, last_good = self._batch(pending, real, layer.index, slot, k, last_good)
                         yield out
-                        pending, k = [], k + 1
+                        pending, real, k = [], [], k + 1
                 pos = j * s + block_len
         finally:
             reader.close()
 
-    def _batch(self, entries: list, layer: int, slot: int, k: int, last_good):
+    def _batch(self, entries: list, real: list, layer: int, slot: int, k: int, last_good):
         rng = _seed_batch(self.seed, self.epoch, layer, slot, k)
         bad: Counter = Counter()
         done = [_decode_one(e, self.decoder, self.num_classes, bad) for e in entries]
@@ -192,7 +195,8 @@ class _TrainSlots(IterableDataset):
         fill = rng.integers(0, len(good), size=len(done))
         done = [d if d is not None else good[fill[i]] for i, d in enumerate(done)]
         x, y = _to_batch([d[0] for d in done], [d[1] for d in done])
-        return (x, y, dict(bad)), good[-1]
+        weight = None if all(real) else torch.tensor(real, dtype=torch.float32)
+        return (x, y, dict(bad), weight), good[-1]
 
 
 class TrainStream:
@@ -210,8 +214,8 @@ class TrainStream:
         self.resampled = d.mode == "resampled"
         total = sum(self.counts)
         self.num_samples = (d.samples_per_epoch or total) if self.resampled else total
-        self.layout = Layout(world_size, max(1, d.workers), d.batch_size, d.shuffle_block)
-        self.batches_per_epoch = self.num_samples // (world_size * d.batch_size)
+        self.layout = Layout(world_size, max(1, d.workers), d.batch_size, d.shuffle_block, cfg.optim.accum_steps)
+        self.batches_per_epoch = self.num_samples // (world_size * d.batch_size * self.layout.accum) * self.layout.accum
         if self.batches_per_epoch == 0:
             raise UserError(f"{self.num_samples} samples per epoch cannot fill one batch of {d.batch_size} on "
                             f"each of {world_size} ranks; lower data.batch_size or add data")
@@ -237,8 +241,8 @@ class TrainStream:
                 raise UserError(f"data state was saved with {key}={d.get(key)!r} but this run has {value!r}; "
                                 "resume with the same shards, seed and data.mode (or start a new run)")
         self._epoch = int(d["epoch"])
-        self._history = [[Layout(l["world_size"], l["workers"], l["batch_size"], l["shuffle_block"]),
-                          int(l["batches"])] for l in d["layers"]]
+        self._history = [[Layout(l["world_size"], l["workers"], l["batch_size"], l["shuffle_block"],
+                                 l.get("accum", 1)), int(l["batches"])] for l in d["layers"]]
 
     def bad_counts(self) -> dict[str, int]:
         return dict(self._bad)
@@ -263,7 +267,19 @@ class TrainStream:
 
     # -- iteration -----------------------------------------------------------------------------
     def iter_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) from the current position to the epoch's end (padding included: see
+        `iter_epoch_weighted` for which samples are padding)."""
+        for x, y, _, _ in self.iter_epoch_weighted(epoch):
+            yield x, y
+
+    def iter_epoch_weighted(self, epoch: int):
+        """(images, labels, weight, real): `weight` is None for a batch without padding, else (B,) float32,
+        0 for padding; `real` is None when the optimizer step this batch belongs to holds no padding on any
+        rank, else that step's real samples summed over ranks and micro-batches (the same on every rank):
+        the trainer averages the step's loss over those."""
         plan = self._plan(epoch)
+        layer = plan.layers[-1]
+        short, full, accum = layer.short_batches(), self.world_size * self.layout.batch_size, self.layout.accum
         cur = self._history[-1]
         left = plan.layers[-1].batches_per_rank - cur[1]
         workers = self.cfg.data.workers
@@ -274,11 +290,16 @@ class TrainStream:
                             prefetch_factor=2 if workers else None,
                             generator=generator(self.seed, epoch, self.rank))  # not the global generator
         got = 0
-        for x, y, bad in _reraise_user_errors(loader):
+        for x, y, bad, weight in _reraise_user_errors(loader):
+            n = cur[1]
+            first = n - n % accum  # a layer starts at a step boundary, so its steps are [first, first + accum)
+            real = None
+            if any(i in short for i in range(first, first + accum)):
+                real = sum(short.get(i, full) for i in range(first, first + accum))
             cur[1] += 1
             got += 1
             self._account(bad, len(y))
-            yield x, y
+            yield x, y, weight, real
         if got != left:
             raise RuntimeError(f"epoch {epoch}: expected {left} batches on rank {self.rank}, got {got}")
         self._epoch, self._history = epoch + 1, []

@@ -251,7 +251,7 @@ class Trainer:
         accum = self.cfg.optim.accum_steps
         while True:
             left = self.stream.remaining_batches(self.epoch) // accum * accum
-            it = iter(self.stream.iter_epoch(self.epoch))
+            it = iter(self.stream.iter_epoch_weighted(self.epoch))
             for _ in range(left):
                 yield next(it)
             it.close()
@@ -325,13 +325,22 @@ class Trainer:
         step_loss = None
         for micro in range(accum):
             t0 = time.perf_counter()
-            images, labels = next(self._batch_iter)
+            images, labels, weight, real = next(self._batch_iter)
             window.data_wait += time.perf_counter() - t0
             # every draw of this micro-step (Mixup/CutMix, drop path, ...) from a place-keyed state
             rng.seed_all(cfg.run.seed, rng.STEP, self.step * accum + micro, self.rank)
             x, y = self._prepare(images, labels)
+            args = (x, y, self.step * accum + micro)
+            if weight is not None:  # padding in a ragged step: the task averages its loss over weight 1
+                weight = weight.to(self.device, non_blocking=True)
+                args += (weight,)
             with self._autocast():
-                loss, metrics = engine(x, y, self.step * accum + micro)
+                loss, metrics = engine(*args)
+            if real is not None:
+                # a ragged step after a re-layout (see pretrain/data/plan.py): the loss is the mean over this
+                # batch's real samples; weigh it so that the step averages over every rank's real samples
+                n = float(images.shape[0]) if weight is None else float(weight.sum())
+                loss = loss * (n * self.world * accum / real)
             engine.backward(loss)
             engine.step()
             step_loss = metrics if step_loss is None else {k: step_loss[k] + v for k, v in metrics.items()}

@@ -132,9 +132,9 @@ class MaskedAutoencoder(nn.Module):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
-    def loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, weight=None) -> torch.Tensor:
         """Mean squared error on the hidden patches (targets per-patch normalised if norm_pix_loss), in fp32
-        whatever the dtypes of imgs, pred and mask."""
+        whatever the dtypes of imgs, pred and mask; `weight` (B,) of 0/1 leaves the samples of weight 0 out."""
         target = patchify(imgs.float(), self.patch_size)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
@@ -142,13 +142,16 @@ class MaskedAutoencoder(nn.Module):
             target = (target - mean) / (var + 1e-6) ** 0.5
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L)
         mask = mask.float()
+        if weight is not None:
+            mask = mask * weight[:, None]
+            return (per_patch * mask).sum() / mask.sum().clamp(min=1)
         return (per_patch * mask).sum() / mask.sum()
 
-    def forward_loss(self, imgs: torch.Tensor, noise: torch.Tensor):
+    def forward_loss(self, imgs: torch.Tensor, noise: torch.Tensor, weight=None):
         """-> loss (0-dim), pred (B, L, p*p*C), mask (B, L)."""
         latent, mask, ids_restore = self.forward_encoder(imgs, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        return self.loss(imgs, pred, mask), pred, mask
+        return self.loss(imgs, pred, mask, weight), pred, mask
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, noise: torch.Tensor):

@@ -45,14 +45,14 @@ class FinetuneTask(SupervisedTask):
         self.accum = cfg.optim.accum_steps
         self._ema_step = -1
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, step: int = 0):
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, step: int = 0, weight=None):
         # `step` counts micro-batches; the weights now are those after optimizer step `step // accum`:
         # fold them into the EMA once per optimizer step (Mixup/CutMix is applied by the engine)
         opt_step = step // self.accum
         if self.ema is not None and self.training and opt_step != self._ema_step:
             self.ema.update(self.encoder, step=opt_step)
             self._ema_step = opt_step
-        return super().forward(images, targets, step)
+        return super().forward(images, targets, step, weight)
 
     def param_groups(self, cfg) -> list[dict]:
         skip = set(self.encoder.no_weight_decay())

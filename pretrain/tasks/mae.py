@@ -33,9 +33,10 @@ class MaeTask(MaskedAutoencoder):
         self.seed = cfg.run.seed
         self.rank = 0  # set by the engine
 
-    def forward(self, images: torch.Tensor, targets=None, step: int = 0):
+    def forward(self, images: torch.Tensor, targets=None, step: int = 0, weight=None):
+        """`weight` (B,) of 0/1 marks padding in a ragged step: the loss averages the samples of weight 1."""
         noise = mask_noise(self.seed, step, self.rank, images.shape[0], self.num_patches, images.device)
-        loss, _, mask = self.forward_loss(images, noise)
+        loss, _, mask = self.forward_loss(images, noise, weight)
         return loss, {"loss": loss.detach(), "mask_ratio": mask.detach().mean()}
 
     def external_params(self) -> list:

@@ -16,6 +16,11 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
     return [hit[:, :min(k, k_max)].any(dim=1).sum() for k in ks]
 
 
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` (B,) over the samples of weight 1; 0 (still part of the graph) when there are none."""
+    return (values * weight).sum() / weight.sum().clamp(min=1)
+
+
 class SupervisedTask(torch.nn.Module):
     """`encoder` is a timm ViT with its classifier head."""
 
@@ -25,13 +30,22 @@ class SupervisedTask(torch.nn.Module):
         self.label_smoothing = cfg.task.label_smoothing
         self.rank = 0
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, step: int = 0):
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, step: int = 0, weight=None):
+        """-> (loss, metrics). `weight` (B,) of 0/1 marks padding in a ragged step (pretrain/data/plan.py):
+        the loss and accuracy are then means over the samples of weight 1."""
         logits = self.encoder(images).float()  # (B, K)
         if targets.ndim == 2:  # soft targets from Mixup/CutMix (smoothing already folded in)
-            loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            per_sample = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1)
+            loss = per_sample.mean() if weight is None else weighted_mean(per_sample, weight)
             return loss, {"loss": loss.detach()}
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        acc1 = topk_correct(logits.detach(), targets, ks=(1,))[0].float() / targets.shape[0]
+        if weight is None:
+            loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+            acc1 = topk_correct(logits.detach(), targets, ks=(1,))[0].float() / targets.shape[0]
+        else:
+            per_sample = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing, reduction="none")
+            loss = weighted_mean(per_sample, weight)
+            hit = logits.detach().argmax(dim=1).eq(targets).float()
+            acc1 = weighted_mean(hit, weight)
         return loss, {"loss": loss.detach(), "acc1": acc1}
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
