@@ -237,3 +237,16 @@ def test_named_configurations_carry_their_options_into_plain_timm(name):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bench_options_reports_each_option_against_the_plain_vit():
+    import argparse
+
+    from pretrain.bench import options
+
+    args = argparse.Namespace(options_arch="vit_nano_patch4_16", options_img_size=16, options_batch=4,
+                              options_steps=1, options_rounds=1, quick=True)
+    rows = {r["name"]: r for r in options.run(args)}
+    assert {"options: patch_drop=0.5", "options: patch_drop=0.75", "options: rope", "options: conv_stem"} <= set(rows)
+    for r in rows.values():
+        assert r["ratio"] == pytest.approx(r["ours"] / r["baseline"]) and r["ours"] > 0
