@@ -501,6 +501,11 @@ def validate(cfg: Config) -> None:
         _check(not opts["conv_stem"], "model.conv_stem", True,
                "cannot be used with task.kind=mae: the stem's overlapping convolutions would carry masked pixels "
                "into visible patches; set model.conv_stem=false for MAE pretraining")
+    if opts["mlp"] == "swiglu":
+        hidden = int(arch["embed_dim"] * arch["mlp_ratio"])
+        _check(hidden % 2 == 0, "model.mlp_ratio", arch["mlp_ratio"],
+               f"gives an odd SwiGLU width ({hidden} = int(embed_dim x mlp_ratio)), which cannot hold value and gate "
+               f"halves; pick a ratio giving an even width, e.g. {(hidden + 1) / arch['embed_dim'] + 1e-4:.4f}")
     if opts["conv_stem"]:
         _check(patch % 4 == 0, "model.patch_size", patch,
                "must be a multiple of 4 with model.conv_stem (the stem divides the image by 4)")

@@ -212,6 +212,8 @@ def test_unsound_combinations_are_user_errors():
         load_config(None, ["model.patch_drop_rate=1.0"])
     with pytest.raises(UserError, match=r"model.pos_embed"):
         load_config(None, ["model.pos_embed=rope"])
+    with pytest.raises(UserError, match=r"model.mlp_ratio: got 5.333, gives an odd SwiGLU width \(1023"):
+        load_config(None, ["model.mlp=swiglu", "model.mlp_ratio=5.333", "model.arch=vit_tiny_patch16_224"])
 
 
 @pytest.mark.parametrize("name", ["vit_nano_patch4_reg4_ls_16", "vit_nano_patch4_rope_swiglu_16"])

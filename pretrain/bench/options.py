@@ -20,7 +20,7 @@ OPTIONS = {
     "reg_tokens=4": ["model.reg_tokens=4"],
     "init_values=1e-5": ["model.init_values=1e-5"],
     "qk_norm": ["model.qk_norm=true"],
-    "mlp=swiglu (ratio 5.33)": ["model.mlp=swiglu", "model.mlp_ratio=5.333"],
+    "mlp=swiglu (ratio 5.33)": ["model.mlp=swiglu", "model.mlp_ratio=5.3334"],  # GELU-at-4 parameters
     "pos_embed=none": ["model.pos_embed=none"],
     "rope": ["model.rope=true"],
     "conv_stem": ["model.conv_stem=true"],
