@@ -59,8 +59,9 @@ class ModelConfig:
     """Classifier outputs; None takes the class count from the training shard index (0 = no head)."""
     global_pool: Literal["token", "avg"] = "token"
     """Pooling for the head: the class token, or the mean of patch tokens (MAE fine-tuning)."""
-    pos_embed: Literal["learned", "sincos"] = "learned"
-    """Learned position embeddings, or fixed 2-D sin-cos ones (frozen, as in MAE)."""
+    pos_embed: Literal["learned", "sincos", "none"] = "learned"
+    """Absolute position embeddings: learned, fixed 2-D sin-cos (frozen, as in MAE), or none (positions come
+    only from `rope`, or from nothing at all)."""
     qkv_bias: bool = True
     """Bias on the attention q/k/v projection."""
     reg_tokens: int = 0
@@ -74,8 +75,23 @@ class ModelConfig:
     mlp: Literal["gelu", "swiglu"] = "gelu"
     """Block MLP: GELU, or SwiGLU (timm's SwiGLUPacked with SiLU, as DINOv2 and EVA-02). SwiGLU's first layer
     holds value and gate, so its hidden width is mlp_ratio * embed_dim / 2: mlp_ratio 5.33 matches GELU at 4."""
+    rope: bool = False
+    """2-D rotary position embeddings in every block (timm's `Eva`, EVA-02's 'cat' layout): queries and keys are
+    rotated by each patch's row and column. Exports load as timm's `eva02_tiny_patch14_224` with explicit sizes."""
+    conv_stem: bool = False
+    """Convolutional stem before the patch projection (timm's hybrid embedding with the ResNetV2 stem: 7x7 stride-2
+    conv, GroupNorm, ReLU, stride-2 max-pool, as timm's `vit_tiny_r_s16_p8_224`); patch_size stays the pixel side
+    of a token and must be a multiple of 4. Not with MAE (it would see masked pixels), rope or mlp=swiglu."""
+    dynamic_img_size: bool = False
+    """Accept any input size (a multiple of patch_size) at run time: position embeddings are resampled to the
+    input's grid in forward (timm's `dynamic_img_size`). Weights loaded at another img_size are resampled once
+    at load either way."""
     drop_path_rate: float = 0.0
     """Stochastic depth rate at the last block (linearly increasing over depth)."""
+    patch_drop_rate: float = 0.0
+    """Patch dropout (FLIP): the fraction of patch tokens dropped at random per image in training (timm's
+    `patch_drop_rate`; class and register tokens are kept); 0 = off. Supervised and fine-tune only: MAE already
+    masks, and a linear probe's frozen encoder runs in eval mode."""
     grad_checkpointing: bool = False
     """Recompute transformer blocks in backward to save activation memory."""
     compile: bool = False
@@ -474,6 +490,30 @@ def validate(cfg: Config) -> None:
     _check(m.init_values is None or m.init_values > 0, "model.init_values", m.init_values,
            "must be positive, or null for no LayerScale")
     _check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", m.drop_path_rate, "must be in [0, 1)")
+    _check(0.0 <= m.patch_drop_rate < 1.0, "model.patch_drop_rate", m.patch_drop_rate, "must be in [0, 1)")
+    from pretrain.models import model_kwargs
+
+    opts = model_kwargs(m, 0)  # the options in effect: the config's, else the named architecture's
+    if t.kind == "mae":
+        _check(not opts["patch_drop_rate"], "model.patch_drop_rate", opts["patch_drop_rate"],
+               "is for supervised training: MAE already hides mae.mask_ratio of the patches; set "
+               "model.patch_drop_rate=0 (or raise mae.mask_ratio)")
+        _check(not opts["conv_stem"], "model.conv_stem", True,
+               "cannot be used with task.kind=mae: the stem's overlapping convolutions would carry masked pixels "
+               "into visible patches; set model.conv_stem=false for MAE pretraining")
+    if opts["mlp"] == "swiglu":
+        hidden = int(arch["embed_dim"] * arch["mlp_ratio"])
+        _check(hidden % 2 == 0, "model.mlp_ratio", arch["mlp_ratio"],
+               f"gives an odd SwiGLU width ({hidden} = int(embed_dim x mlp_ratio)), which cannot hold value and gate "
+               f"halves; pick a ratio giving an even width, e.g. {(hidden + 1) / arch['embed_dim'] + 1e-4:.4f}")
+    if opts["conv_stem"]:
+        _check(patch % 4 == 0, "model.patch_size", patch,
+               "must be a multiple of 4 with model.conv_stem (the stem divides the image by 4)")
+        _check(not opts["rope"], "model.rope", True,
+               "cannot be combined with model.conv_stem (timm's Eva has no hybrid patch embedding); drop one")
+        _check(opts["mlp"] == "gelu", "model.mlp", opts["mlp"],
+               "must be gelu with model.conv_stem (no timm registration builds both, so an export could not "
+               "load in plain timm); drop one")
 
     _check(0.0 <= t.label_smoothing < 1.0, "task.label_smoothing", t.label_smoothing, "must be in [0, 1)")
     _check(t.mixup_alpha >= 0, "task.mixup_alpha", t.mixup_alpha, "must be >= 0")

@@ -12,7 +12,7 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = ["loader", "step", "mae", "zero", "gpu"]
+BENCHMARKS = ["loader", "step", "mae", "options", "zero", "gpu"]
 
 
 def _module(name: str):

@@ -37,6 +37,11 @@ GENERIC_TIMM_NAME = "vit_base_patch16_224"
 # mlp_layer=SwiGLUPacked and act_layer=SiLU itself; its other defaults (LayerScale 1e-5, size) are
 # overridden by the explicit arguments.
 SWIGLU_TIMM_NAME = "vit_giant_patch14_dinov2"
+# `model.rope`: timm's Eva. This registration's defaults (EVA-02 sizes, SwiGLU, RoPE, ref_feat_shape) are all
+# overridden by explicit arguments.
+ROPE_TIMM_NAME = "eva02_tiny_patch14_224"
+# `model.conv_stem`: the hybrid ViT whose stem is ResNetV2's (no stages), as `pretrain.models.vit` builds it.
+CONV_STEM_TIMM_NAME = "vit_tiny_r_s16_p8_224"
 
 
 class ExportMismatch(RuntimeError):
@@ -159,12 +164,25 @@ def run_meta(run_dir: str) -> dict[str, Any]:
 def timm_spec(name: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(timm model name, keyword arguments) that rebuild the architecture in plain timm."""
     from pretrain.models import ARCHS, TIMM_NAMES
+    from pretrain.models.vit import CONV_STEM_STRIDE, eva_kwargs
 
     full = dict(ARCHS.get(name, {}), num_classes=1000, global_pool="token", qkv_bias=True)
     full.update({k: v for k, v in kwargs.items() if v is not None})
     out = {k: full[k] for k in ARCH_KEYS if k in full}
     out.update({k: full[k] for k in OPTION_KEYS if full.get(k)})
-    if full.get("mlp", "gelu") == "swiglu":
+    if full.get("dynamic_img_size"):
+        out["dynamic_img_size"] = True
+    pos_embed, mlp = full.get("pos_embed", "learned"), full.get("mlp", "gelu")
+    if full.get("rope"):
+        eva = eva_kwargs(out, pos_embed, mlp)
+        eva["ref_feat_shape"] = list(eva["ref_feat_shape"])  # JSON
+        return ROPE_TIMM_NAME, eva
+    if pos_embed == "none":
+        out["pos_embed"] = "none"
+    if full.get("conv_stem"):
+        out["patch_size"] = full["patch_size"] // CONV_STEM_STRIDE  # over the stem's stride-4 feature map
+        return CONV_STEM_TIMM_NAME, out
+    if mlp == "swiglu":
         # no LayerScale must override the factory's 1e-5: timm.create_model drops None arguments, and
         # its Block builds LayerScale only for a truthy init_values, so 0.0 says "none"
         out["init_values"] = full.get("init_values") or 0.0
@@ -397,8 +415,10 @@ def write_hf(state: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: str,
     if not k.get("qkv_bias", True):
         raise UserError("--format hf: transformers' ViT needs qkv_bias=True")
     extra = [key for key in OPTION_KEYS if k.get(key)]
-    if meta["timm_name"] == SWIGLU_TIMM_NAME:
-        extra.append("mlp=swiglu")
+    extra += {SWIGLU_TIMM_NAME: ["mlp=swiglu"], ROPE_TIMM_NAME: ["rope"],
+              CONV_STEM_TIMM_NAME: ["conv_stem"]}.get(meta["timm_name"], [])
+    if k.get("pos_embed") == "none":
+        extra.append("pos_embed=none")
     if extra:
         raise UserError(f"--format hf: transformers' ViT has no {', '.join(extra)}; use the safetensors export "
                         "with timm")

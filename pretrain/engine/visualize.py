@@ -14,7 +14,6 @@ where each panel lies.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import os
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from pretrain.engine.visuals import unfused_attention
 from pretrain.errors import UserError
 
 PANEL = 320  # panel side in pixels: a 14x14 grid keeps ~23 px per patch, room for its number
@@ -117,24 +117,6 @@ def load_image(url: str, meta: dict[str, Any], data: bytes | None = None) -> tup
 # ----------------------------------------------------------------------------- attention
 
 
-@contextlib.contextmanager
-def _unfused(encoder):
-    """Run every block's timm Attention unfused and collect its softmax probabilities (B, h, N, N)."""
-    attns = [blk.attn for blk in encoder.blocks]
-    probs: list[torch.Tensor] = []
-    saved = [a.fused_attn for a in attns]
-    hooks = [a.attn_drop.register_forward_hook(lambda m, i, o: probs.append(o.detach())) for a in attns]
-    for a in attns:
-        a.fused_attn = False
-    try:
-        yield probs
-    finally:
-        for a, fused in zip(attns, saved):
-            a.fused_attn = fused
-        for h in hooks:
-            h.remove()
-
-
 def pooled_query(encoder) -> str:
     """Which query the head reads: 'class token', or 'mean patch query' for average pooling."""
     if getattr(encoder, "cls_token", None) is not None and getattr(encoder, "global_pool", "token") == "token":
@@ -146,7 +128,7 @@ def pooled_query(encoder) -> str:
 def attention(encoder, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Attention to every patch of image x (1, C, H, W): per head in the last block (h, gh, gw),
     their mean (gh, gw), and the rollout over all blocks (gh, gw); and the logits when the model has a head."""
-    with _unfused(encoder) as probs:
+    with unfused_attention(encoder) as probs:
         logits = encoder(x)
     prefix = encoder.num_prefix_tokens
     gh, gw = encoder.patch_embed.grid_size

@@ -1,6 +1,8 @@
 """TensorBoard pictures: MAE input / masked / reconstruction grids and class-token attention maps."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid
@@ -20,23 +22,33 @@ def mae_grid(task, images: torch.Tensor, noise: torch.Tensor, mean, std) -> torc
     return make_grid(rows.flatten(0, 1).cpu(), nrow=3, padding=1)
 
 
+@contextlib.contextmanager
+def unfused_attention(encoder):
+    """Run every block's timm attention (VisionTransformer's or Eva's, RoPE applied) unfused and collect its
+    softmax probabilities (B, h, N, N)."""
+    attns = [blk.attn for blk in encoder.blocks]
+    probs: list[torch.Tensor] = []
+    saved = [a.fused_attn for a in attns]
+    hooks = [a.attn_drop.register_forward_hook(lambda m, i, o: probs.append(o.detach())) for a in attns]
+    for a in attns:
+        a.fused_attn = False
+    try:
+        yield probs
+    finally:
+        for a, fused in zip(attns, saved):
+            a.fused_attn = fused
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def attention_maps(encoder, images: torch.Tensor) -> torch.Tensor:
     """Attention of the class token (or, without one, the mean over patch queries) to every patch in
     the last block, averaged over heads -> (B, gh, gw) in [0, 1]."""
-    captured = {}
-    blk = encoder.blocks[-1]
-    handle = blk.norm1.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
-    try:
+    with unfused_attention(encoder) as probs:
         encoder.forward_features(images)
-    finally:
-        handle.remove()
-    x = captured["x"]  # (B, N, D): the last attention's input
-    attn = blk.attn
-    b, n, d = x.shape
-    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, h, N, hd)
-    weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)  # (B, h, N, N)
+    weights = probs[-1]  # (B, h, N, N), the last block's
+    b = weights.shape[0]
     prefix = encoder.num_prefix_tokens
     query = weights[:, :, 0] if prefix else weights.mean(2)  # (B, h, N)
     maps = query[..., prefix:].mean(1)  # (B, L)

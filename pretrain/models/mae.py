@@ -91,17 +91,26 @@ class MaskedAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ encoder on visible patches
     def forward_encoder(self, imgs: torch.Tensor, noise: torch.Tensor):
-        """imgs (B, C, H, W), noise (B, L) -> latent (B, prefix + L_keep, D), mask (B, L), ids_restore."""
+        """imgs (B, C, H, W), noise (B, L) -> latent (B, prefix + L_keep, D), mask (B, L), ids_restore.
+
+        The class and register tokens are never masked. With rotary embeddings (timm's Eva) each visible
+        patch keeps its own position's rotation: the rotation table is gathered with the kept indices, the
+        way Eva's own patch dropout does it (`apply_keep_indices_nlc`).
+        """
         enc = self.encoder
-        x = enc.patch_embed(imgs)  # (B, L, D)
+        x = enc.patch_embed(imgs)  # (B, L, D), or (B, h, w, D) when the encoder takes dynamic sizes
+        grid = x.shape[1:3] if x.ndim == 4 else None
+        x = x.flatten(1, 2) if x.ndim == 4 else x
         prefix = enc.num_prefix_tokens
-        if enc.no_embed_class:
-            x = x + enc.pos_embed
-            prefix_pos = None
-        else:
-            x = x + enc.pos_embed[:, prefix:]
-            prefix_pos = enc.pos_embed[:, :prefix]
+        prefix_pos = None
+        if enc.pos_embed is not None:
+            if enc.no_embed_class:
+                x = x + enc.pos_embed
+            else:
+                x = x + enc.pos_embed[:, prefix:]
+                prefix_pos = enc.pos_embed[:, :prefix]
         x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)
+        rope = self._visible_rope(grid, noise, x)
         tokens = []
         if enc.cls_token is not None:
             tokens.append(enc.cls_token.expand(x.shape[0], -1, -1))
@@ -113,9 +122,24 @@ class MaskedAutoencoder(nn.Module):
                 t = t + prefix_pos
             x = torch.cat([t, x], dim=1)
         x = enc.norm_pre(enc.pos_drop(x))
+        kw = {} if rope is None else {"rope": rope}
         for blk in enc.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if enc.grad_checkpointing and self.training else blk(x)
+            if enc.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, use_reentrant=False, **kw)
+            else:
+                x = blk(x, **kw)
         return enc.norm(x), mask, ids_restore
+
+    def _visible_rope(self, grid, noise: torch.Tensor, x_visible: torch.Tensor):
+        """The rotary table rows of the visible patches, (B, 1, L_keep, dim), or None without RoPE."""
+        enc = self.encoder
+        if getattr(enc, "rope", None) is None:
+            return None
+        from timm.layers import apply_keep_indices_nlc
+
+        table = enc.rope.get_embed(shape=list(grid)) if grid is not None else enc.rope.get_embed()  # (L, dim)
+        ids_keep = torch.argsort(noise, dim=1)[:, :x_visible.shape[1]]  # (B, L_keep), as random_masking keeps
+        return apply_keep_indices_nlc(x_visible, table, ids_keep).unsqueeze(1)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent (B, prefix + L_keep, D) -> predicted pixels (B, L, p*p*C)."""

@@ -36,7 +36,21 @@ ARCHS: dict[str, dict[str, Any]] = {
 ARCHS["vit_micro_patch4_32"] = dict(embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, patch_size=4, img_size=32)
 ARCHS["vit_nano_patch4_16"] = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=4, img_size=16)
 
-TIMM_NAMES = {name for name in ARCHS if not name.startswith(("vit_micro", "vit_nano"))}
+TIMM_NAMES = {f"vit_{size}_patch{patch}_{img}" for size, patch, img in _VARIANTS}
+
+# Named configurations: recipes' architectures with their options (not timm names; exports name timm's
+# factories as for any options). A config field left at its default keeps the name's value.
+_DINOV2_REG = dict(reg_tokens=4, init_values=1e-5)  # DINOv2 with registers (Darcet et al., 2023)
+_EVA02 = dict(mlp="swiglu", rope=True)  # EVA-02: SwiGLU MLP (hidden 8/3 x width) and 2-D RoPE
+for size in ("small", "base"):
+    d, depth, heads = _SIZES[size]
+    ARCHS[f"vit_{size}_patch14_reg4_ls_224"] = dict(
+        embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=4.0, patch_size=14, img_size=224, **_DINOV2_REG)
+    ARCHS[f"vit_{size}_patch14_rope_swiglu_224"] = dict(
+        embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=16 / 3, patch_size=14, img_size=224, **_EVA02)
+# their CPU twins, for tests and smoke runs (LayerScale at 0.1, as for small models)
+ARCHS["vit_nano_patch4_reg4_ls_16"] = dict(ARCHS["vit_nano_patch4_16"], reg_tokens=4, init_values=0.1)
+ARCHS["vit_nano_patch4_rope_swiglu_16"] = dict(ARCHS["vit_nano_patch4_16"], mlp_ratio=4.0, **_EVA02)
 
 
 def list_models() -> list[str]:
@@ -56,13 +70,23 @@ def resolve_arch(model_cfg) -> dict[str, Any]:
     return arch
 
 
+# Architecture options a ModelConfig passes to `create_model` (besides the numbers above); a registered
+# name may set them too (the named configurations below), and a config field left at its default keeps
+# the name's value.
+OPTION_DEFAULTS: dict[str, Any] = dict(
+    global_pool="token", pos_embed="learned", qkv_bias=True, reg_tokens=0, init_values=None, qk_norm=False,
+    mlp="gelu", rope=False, conv_stem=False, dynamic_img_size=False, drop_path_rate=0.0, patch_drop_rate=0.0,
+    grad_checkpointing=False)
+
+
 def model_kwargs(model_cfg, num_classes: int) -> dict[str, Any]:
     """Keyword arguments of `create_model` for a ModelConfig and a resolved class count."""
-    return dict(
-        resolve_arch(model_cfg), num_classes=num_classes, in_chans=model_cfg.in_chans,
-        global_pool=model_cfg.global_pool, pos_embed=model_cfg.pos_embed, qkv_bias=model_cfg.qkv_bias,
-        reg_tokens=model_cfg.reg_tokens, init_values=model_cfg.init_values, qk_norm=model_cfg.qk_norm,
-        mlp=model_cfg.mlp, drop_path_rate=model_cfg.drop_path_rate, grad_checkpointing=model_cfg.grad_checkpointing)
+    arch = resolve_arch(model_cfg)
+    kwargs = dict(arch, num_classes=num_classes, in_chans=model_cfg.in_chans)
+    for key, default in OPTION_DEFAULTS.items():
+        value = getattr(model_cfg, key)
+        kwargs[key] = value if value != default or key not in arch else arch[key]
+    return kwargs
 
 
 def mlp_layers(mlp: str) -> dict[str, Any]:
@@ -77,11 +101,55 @@ def mlp_layers(mlp: str) -> dict[str, Any]:
     raise UserError(f"mlp must be 'gelu' or 'swiglu', got {mlp!r}")
 
 
-def create_model(name: str = "vit_base_patch16_224", **overrides) -> VisionTransformer:
+# The convolutional stem divides the image by 4 before the patch projection (stride-2 conv, stride-2 pool).
+CONV_STEM_STRIDE = 4
+
+
+def conv_stem_layers(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """timm's hybrid patch embedding for `model.conv_stem`: the ResNetV2 stem (7x7 stride-2 weight-standardised
+    conv, GroupNorm, ReLU, 3x3 stride-2 max-pool, 64 channels) then a patch_size/4 projection, exactly what
+    timm's `vit_tiny_r_s16_p8_224` registration builds, so plain timm rebuilds it from arguments alone."""
+    from functools import partial
+
+    from timm.layers import HybridEmbed, StdConv2dSame
+    from timm.models.resnetv2 import create_resnetv2_stem
+
+    patch = kwargs["patch_size"]
+    if patch % CONV_STEM_STRIDE:
+        raise UserError(f"conv_stem needs a patch_size that is a multiple of {CONV_STEM_STRIDE}, got {patch}")
+    stem = create_resnetv2_stem(kwargs.get("in_chans", 3), stem_type="same", preact=False,
+                                conv_layer=partial(StdConv2dSame, eps=1e-8))
+    return {"embed_layer": partial(HybridEmbed, backbone=stem), "patch_size": patch // CONV_STEM_STRIDE}
+
+
+def eva_kwargs(kwargs: dict[str, Any], pos_embed: str, mlp: str) -> dict[str, Any]:
+    """timm `Eva` arguments for a ViT with 2-D rotary position embeddings (`model.rope`), from our ViT ones.
+
+    RoPE rotates queries and keys by each patch's (row, column) in every block ('cat' layout, EVA-02);
+    `ref_feat_shape` is the model's own grid, so coordinates are the patch indices. SwiGLU is Eva's packed
+    GluMlp, whose `mlp_ratio` counts one half: half of ours, so both give the same layer.
+    """
+    if mlp not in ("gelu", "swiglu"):
+        raise UserError(f"mlp must be 'gelu' or 'swiglu', got {mlp!r}")
+    out = dict(kwargs)
+    out["num_reg_tokens"] = out.pop("reg_tokens", 0)
+    out["use_abs_pos_emb"] = pos_embed != "none"
+    out["use_rot_pos_emb"] = True
+    out["swiglu_mlp"] = mlp == "swiglu"
+    if mlp == "swiglu":
+        out["mlp_ratio"] = out["mlp_ratio"] / 2
+    side = out["img_size"] // out["patch_size"]
+    out["ref_feat_shape"] = (side, side)
+    return out
+
+
+def create_model(name: str = "vit_base_patch16_224", **overrides) -> torch.nn.Module:
     """A ViT by registered name; keyword arguments override the architecture's numbers or options.
 
-    Options beyond timm's: `pos_embed="sincos"` (fixed 2-D sin-cos, frozen), `mlp` ('gelu' or 'swiglu',
-    a name for timm's MLP layer arguments) and `grad_checkpointing`.
+    Options beyond timm's VisionTransformer arguments: `pos_embed` ('learned', 'sincos': fixed 2-D sin-cos,
+    frozen; 'none'), `mlp` ('gelu' or 'swiglu', a name for timm's MLP layer arguments), `rope` (timm's `Eva`
+    with 2-D rotary embeddings instead of a VisionTransformer), `conv_stem` (timm's hybrid embedding) and
+    `grad_checkpointing`.
     """
     if name not in ARCHS:
         raise UserError(f"unknown architecture {name!r}; registered: {', '.join(list_models())}")
@@ -89,10 +157,24 @@ def create_model(name: str = "vit_base_patch16_224", **overrides) -> VisionTrans
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     pos_embed = kwargs.pop("pos_embed", "learned")
     grad_ckpt = kwargs.pop("grad_checkpointing", False)
-    if pos_embed not in ("learned", "sincos"):
-        raise UserError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
-    kwargs.update(mlp_layers(kwargs.pop("mlp", "gelu")))
-    model = VisionTransformer(**kwargs)
+    rope = kwargs.pop("rope", False)
+    conv_stem = kwargs.pop("conv_stem", False)
+    mlp = kwargs.pop("mlp", "gelu")
+    if pos_embed not in ("learned", "sincos", "none"):
+        raise UserError(f"pos_embed must be 'learned', 'sincos' or 'none', got {pos_embed!r}")
+    if rope:
+        if conv_stem:
+            raise UserError("rope and conv_stem cannot be combined: timm's Eva has no hybrid patch embedding")
+        from timm.models.eva import Eva
+
+        model = Eva(**eva_kwargs(kwargs, pos_embed, mlp))
+    else:
+        kwargs.update(mlp_layers(mlp))
+        if conv_stem:
+            kwargs.update(conv_stem_layers(kwargs))
+        if pos_embed == "none":
+            kwargs["pos_embed"] = "none"
+        model = VisionTransformer(**kwargs)
     if pos_embed == "sincos":
         init_sincos_pos_embed(model)
     if grad_ckpt:
@@ -100,7 +182,7 @@ def create_model(name: str = "vit_base_patch16_224", **overrides) -> VisionTrans
     return model
 
 
-def init_sincos_pos_embed(model: VisionTransformer) -> None:
+def init_sincos_pos_embed(model: torch.nn.Module) -> None:
     """Fill pos_embed with fixed 2-D sin-cos values (zeros for the class token) and freeze it."""
     grid = model.patch_embed.grid_size
     dim = model.pos_embed.shape[-1]
@@ -129,8 +211,14 @@ def load_weights(model: VisionTransformer, state_dict: dict[str, torch.Tensor], 
             if f"norm.{k}" in state_dict:
                 state_dict[f"fc_norm.{k}"] = state_dict.pop(f"norm.{k}")
     # timm's own filter resamples pos_embed to the new grid and patch_embed to a new patch size.
-    state_dict = checkpoint_filter_fn(state_dict, model)
-    hint = "; set the model.* options (size, reg_tokens, init_values, qk_norm, mlp) of the run that made them"
+    if _is_eva(model):
+        from timm.models.eva import checkpoint_filter_fn as eva_filter
+
+        state_dict = eva_filter(state_dict, model)
+    else:
+        state_dict = checkpoint_filter_fn(state_dict, model)
+    hint = ("; set the model.* options (size, reg_tokens, init_values, qk_norm, mlp, pos_embed, rope, conv_stem) "
+            "of the run that made them")
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # shape mismatches, e.g. weights with register tokens into a model without
@@ -141,6 +229,10 @@ def load_weights(model: VisionTransformer, state_dict: dict[str, torch.Tensor], 
     if bad_missing or unexpected:
         raise UserError(f"weights do not fit the model: missing {bad_missing[:5]}, unexpected {unexpected[:5]}{hint}")
     return missing, unexpected
+
+
+def _is_eva(model: torch.nn.Module) -> bool:
+    return type(model).__name__ == "Eva"
 
 
 def num_params(model: torch.nn.Module) -> int:

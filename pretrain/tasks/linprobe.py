@@ -21,7 +21,7 @@ class LinprobeTask(SupervisedTask):
         torch.nn.Module.__init__(self)  # the supervised objective, predict and FLOPs; our own encoder
         if num_classes <= 0:
             raise UserError("task.kind=linprobe needs labelled shards: the training index names no classes")
-        kwargs = dict(model_kwargs(cfg.model, num_classes), drop_path_rate=0.0)
+        kwargs = dict(model_kwargs(cfg.model, num_classes), drop_path_rate=0.0, patch_drop_rate=0.0)
         self.encoder = create_model(cfg.model.arch, **kwargs)
         self.source_meta = load_pretrained(self.encoder, cfg.finetune.init_from)
         self.encoder.requires_grad_(False)

@@ -56,4 +56,9 @@ class SupervisedTask(torch.nn.Module):
         return param_groups_weight_decay(self, cfg.optim.weight_decay, no_weight_decay_list=skip)
 
     def flops_per_image(self) -> float:
-        return flops_per_image(self.encoder)
+        enc = self.encoder
+        drop = getattr(getattr(enc, "patch_drop", None), "prob", 0.0)
+        if drop and self.training:  # patch dropout: the blocks see the kept patches only (timm keeps >= 1)
+            kept = max(1, int(enc.patch_embed.num_patches * (1 - drop)))
+            return flops_per_image(enc, tokens=enc.num_prefix_tokens + kept)
+        return flops_per_image(enc)
