@@ -1,5 +1,5 @@
 """`vit-pretrain shards SOURCE --out DIR`: WebDataset shards from an image folder, a CSV/JSONL list,
-scikit-learn's `digits`, or `synthetic:N`.
+Parquet files holding image bytes (the Hugging Face datasets layout), scikit-learn's `digits`, or `synthetic:N`.
 
 Writes `DIR/<split>-NNNNNN.tar` (samples `<key>.jpg|png` + `<key>.cls`), `DIR/<split>.json` (our index:
 shards, per-shard counts, class names, how it was made) and `DIR/_info.json` (timm's WebDataset reader
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import io
 import json
 import logging
@@ -57,7 +58,7 @@ def _label_table(raw: list[str]) -> tuple[list[int], list[str]]:
 def _folder_items(root: str) -> tuple[list[tuple], list[str]]:
     fs, path = fsspec.core.url_to_fs(root)
     if not fs.isdir(path):
-        raise UserError(f"source {root!r} is not a folder, a .csv/.jsonl file, 'digits' or 'synthetic:N'")
+        raise UserError(f"source {root!r} is not a folder, a .csv/.jsonl/.parquet file, 'digits' or 'synthetic:N'")
     path = path.rstrip("/")
     files = sorted(p for p in fs.find(path) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
     if not files:
@@ -107,6 +108,48 @@ def _list_items(source: str) -> tuple[list[tuple], list[str]]:
     return [("file", p, lab) for p, lab in zip(paths, labels)], classes
 
 
+def _parquet_items(source: str) -> tuple[list[tuple], list[str]]:
+    """Rows of Parquet files (one file or a glob), the Hugging Face datasets layout: an `image` column of
+    {bytes, path} structs (or plain bytes) and an optional `label` column; ClassLabel names, when the
+    file's `huggingface` metadata has them, become the class names."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("Parquet sources need pyarrow: pip install 'vit-pretrain[parquet]'") from None
+    fs, path = fsspec.core.url_to_fs(source)
+    files = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
+    if not files or not all(fs.exists(f) for f in files):
+        raise UserError(f"source {source!r}: no such Parquet file")
+    items, raw, classes = [], [], None
+    for f in files:
+        url = fs.unstrip_protocol(f)
+        with fs.open(f, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            names = pf.schema_arrow.names
+            image_col = "image" if "image" in names else "img" if "img" in names else None
+            if image_col is None:
+                raise UserError(f"{url}: no 'image' column (columns: {', '.join(names)}); expected the Hugging "
+                                "Face datasets layout, image.bytes + label")
+            label_col = next((c for c in ("label", "labels", "cls") if c in names), None)
+            hf = json.loads((pf.schema_arrow.metadata or {}).get(b"huggingface", b"{}"))
+            feat = hf.get("info", {}).get("features", {}).get(label_col or "", {})
+            if feat.get("names"):
+                classes = classes or [str(c) for c in feat["names"]]
+            for rg in range(pf.num_row_groups):
+                n = pf.metadata.row_group(rg).num_rows
+                labs = (pf.read_row_group(rg, columns=[label_col]).column(0).to_pylist() if label_col
+                        else [None] * n)
+                items += [("parquet", (url, rg, i, image_col), -1) for i in range(n)]
+                raw += ["" if v is None else str(v) for v in labs]
+    if not items:
+        raise UserError(f"source {source!r} holds no rows")
+    if classes is not None:
+        labels = [int(r) if r != "" else -1 for r in raw]
+    else:
+        labels, classes = _label_table(raw)
+    return [(k, ref, lab) for (k, ref, _), lab in zip(items, labels)], classes
+
+
 def _source_items(source: str, seed: int) -> tuple[list[tuple], list[str]]:
     if source == "digits":
         from sklearn.datasets import load_digits
@@ -123,6 +166,8 @@ def _source_items(source: str, seed: int) -> tuple[list[tuple], list[str]]:
         return [("synthetic", (seed, i), int(labels[i])) for i in range(n)], [str(i) for i in range(SYNTHETIC_CLASSES)]
     if source.endswith((".csv", ".jsonl")):
         return _list_items(source)
+    if source.endswith(".parquet"):
+        return _parquet_items(source)
     return _folder_items(source)
 
 
@@ -142,6 +187,16 @@ def _synthetic_image(seed: int, i: int, label: int) -> Image.Image:
     hue = np.array([np.cos(label), np.cos(label + 2.1), np.cos(label + 4.2)], dtype=np.float32)
     img = 128 + 60 * wave[..., None] * hue + rng.normal(0, 12, (s, s, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+@functools.lru_cache(maxsize=8)
+def _parquet_cells(url: str, row_group: int, column: str) -> list:
+    """One row group's image bytes (a worker keeps the last few: items arrive shuffled across the corpus)."""
+    import pyarrow.parquet as pq
+
+    with fsspec.open(url, "rb") as f:
+        col = pq.ParquetFile(f).read_row_group(row_group, columns=[column]).column(0).to_pylist()
+    return [v.get("bytes") if isinstance(v, dict) else v for v in col]
 
 
 def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
@@ -167,8 +222,11 @@ def _prepare(job: tuple) -> tuple[Optional[str], Optional[bytes], str]:
     if kind == "synthetic":
         return "jpg", _encode(_synthetic_image(ref[0], ref[1], label), "JPEG", quality), ""
     try:
-        with fsspec.open(ref, "rb") as f:
-            data = f.read()
+        if kind == "parquet":
+            data = _parquet_cells(ref[0], ref[1], ref[3])[ref[2]]
+        else:
+            with fsspec.open(ref, "rb") as f:
+                data = f.read()
     except Exception as e:  # noqa: BLE001  reported and skipped, by name
         return None, None, f"cannot read ({type(e).__name__}: {e})"
     if not data:
@@ -404,7 +462,7 @@ def write_shards(source: str, out_dir: str, *, samples_per_shard: int = 5000, ma
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="image folder (sub-folder = class), .csv/.jsonl of path,label, "
-                                       "'digits', or 'synthetic:N'")
+                                       ".parquet file or glob (image.bytes + label), 'digits', or 'synthetic:N'")
     parser.add_argument("--out", required=True, help="output folder (any fsspec URL)")
     parser.add_argument("--samples-per-shard", type=int, default=5000, help="samples per tar shard")
     parser.add_argument("--max-shard-bytes", type=float, default=0,
