@@ -12,7 +12,7 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "shards": ("pretrain.data.writer", "write WebDataset shards from an image folder, CSV/JSONL, digits or synthetic:N"),
+    "shards": ("pretrain.data.writer", "write WebDataset shards from an image folder, CSV/JSONL, Parquet, digits or synthetic:N"),
     "train": ("pretrain.engine.trainer", "train (supervised, mae, finetune, linprobe) from a config"),
     "export": ("pretrain.engine.export", "export a run's checkpoint to a timm-loadable safetensors file"),
     "eval": ("pretrain.engine.evaluate", "evaluate exported weights on labelled shards (JSON out)"),

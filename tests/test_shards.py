@@ -94,3 +94,68 @@ def test_timm_reads_our_shards(tmp_path):
     assert len(ds) == 30
     img, target = next(iter(ds))
     assert img.size == (32, 32) and 0 <= target < 10
+
+
+def test_parquet_in_the_hugging_face_layout(cli, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    imgs = []
+    for i in range(7):
+        _jpeg(tmp_path / "x.jpg", seed=i)
+        imgs.append((tmp_path / "x.jpg").read_bytes())
+    imgs[4] = b"not an image"
+    table = pa.table({"image": [{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(imgs)],
+                      "label": [i % 2 for i in range(7)]})
+    hf = {"info": {"features": {"image": {"_type": "Image"},
+                                "label": {"_type": "ClassLabel", "names": ["cat", "dog"]}}}}
+    table = table.replace_schema_metadata({"huggingface": json.dumps(hf)})
+    pq.write_table(table, tmp_path / "train-00000-of-00001.parquet", row_group_size=3)  # 3 row groups
+    r = cli("shards", str(tmp_path / "*.parquet"), "--out", str(tmp_path / "out"), "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert "not a readable image" in r.stderr  # row 4, reported and skipped
+    meta = json.loads((tmp_path / "out" / "train.json").read_text())
+    assert meta["classes"] == ["cat", "dog"] and meta["num_samples"] == 6 and meta["made_by"]["skipped"] == 1
+    got = {}
+    with tarfile.open(tmp_path / "out" / meta["shards"][0]) as t:
+        for m in t.getmembers():
+            got.setdefault(m.name.split(".")[0], {})[m.name.split(".", 1)[1]] = t.extractfile(m).read()
+    pairs = sorted((s["jpg"], int(s["cls"])) for s in got.values())
+    assert pairs == sorted((b, i % 2) for i, b in enumerate(imgs) if i != 4)  # stored byte for byte
+
+
+def test_resume_after_kill_equals_a_clean_write(tmp_path):
+    """kill -9 in the middle of a write, rerun: finished shards are kept, the rest written; every tar equals
+    one written in a single run. Also: progress lines on stderr, and a rerun with other options refused."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, run_cli
+
+    args = ["shards", "synthetic:3000", "--samples-per-shard", "150", "--progress-seconds", "0.2"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", *args, "--out", str(out)], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("train-*.tar"))) < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = sorted(p.name for p in out.glob("train-*.tar"))
+    assert 4 <= len(first) < 20 and not (out / "train.json").exists(), first
+    assert "img/s, ETA" in proc.stderr.read()  # progress lines, not only at the end
+    r = run_cli(*args[:-2], "--seed", "1", "--out", str(out))
+    assert r.returncode == 2 and "--seed=0" in r.stderr, r.stderr
+    r = run_cli(*args, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"{len(first)} finished shards kept" in r.stderr
+    r = run_cli(*args, "--out", str(tmp_path / "clean"))
+    assert r.returncode == 0, r.stderr
+    a, b = (json.loads((tmp_path / d / "train.json").read_text()) for d in ("killed", "clean"))
+    assert a["shards"] == b["shards"] and a["counts"] == b["counts"] == [150] * 20
+    for name in b["shards"]:
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert not list(out.glob("*.partial")) and not (out / "_writing.json").exists()

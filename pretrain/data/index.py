@@ -24,6 +24,8 @@ OPEN_TRIES = 4
 """Attempts to open a shard before it is reported as unreachable."""
 OPEN_BACKOFF_S = 0.5
 """First retry delay; doubled each attempt (0.5, 1, 2 s)."""
+READ_TRIES = 6
+"""Attempts of one read at one byte offset (reopening the shard there each time) before the run stops."""
 
 
 @dataclass
@@ -45,14 +47,39 @@ def _dirname(url: str) -> str:
     return url.rsplit("/", 1)[0] if "/" in url else "."
 
 
+def remote_error(url: str, e: BaseException) -> Optional[str]:
+    """What went wrong reaching an object store, and what to do, in one line; None if `e` is not that."""
+    name, text = type(e).__name__, str(e).splitlines()[0] if str(e) else ""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
+    if name in ("NoCredentialsError", "PartialCredentialsError") or "Unable to locate credentials" in text:
+        return (f"{url!r}: no credentials for the object store; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE), or FSSPEC_S3_ANON=true for a public bucket")
+    if "NoSuchBucket" in text or "bucket does not exist" in text:
+        return (f"{url!r}: the bucket does not exist at {endpoint}; check the bucket name and AWS_ENDPOINT_URL "
+                "(see docs/data.md, Object stores)")
+    if isinstance(e, PermissionError) or any(k in text for k in ("AccessDenied", "InvalidAccessKeyId",
+                                                                  "SignatureDoesNotMatch", "Forbidden")):
+        return f"{url!r}: access denied ({text}); check the credentials and the bucket's policy"
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError",
+                "ConnectionRefusedError", "ConnectTimeout") or "Could not connect to the endpoint" in text:
+        return (f"{url!r}: cannot connect to {endpoint} ({name}); check AWS_ENDPOINT_URL (or the fsspec "
+                "config's endpoint_url) and the network (see docs/data.md, Object stores)")
+    return None
+
+
 def _load_json_index(url: str) -> ShardIndex:
     try:
         with fsspec.open(url, "r") as f:
             meta = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"shard index not found: {url!r}; write one with `vit-pretrain shards`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"shard index {url!r} is not valid JSON ({e})") from None
+    except Exception as e:  # noqa: BLE001  an object store's errors are many types; named ones become one line
+        hint = remote_error(url, e)
+        if hint:
+            raise UserError(hint) from None
+        if isinstance(e, FileNotFoundError):
+            raise UserError(f"shard index not found: {url!r}; write one with `vit-pretrain shards`") from None
+        raise
     if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
         raise UserError(f"shard index {url!r} has no 'shards' list; expected the format `vit-pretrain shards` writes")
     base = _dirname(url)
@@ -139,7 +166,7 @@ def read_index(urls: Union[str, list[str]]) -> ShardIndex:
     return ShardIndex(shards, counts, classes)
 
 
-def open_shard(url: str):
+def _open_raw(url: str):
     """A binary file object for a shard; retried with backoff, then a UserError naming the URL."""
     delay = OPEN_BACKOFF_S
     for attempt in range(1, OPEN_TRIES + 1):
@@ -150,11 +177,86 @@ def open_shard(url: str):
                 return gopen(url, "rb")
             return fsspec.open(url, "rb").open()
         except Exception as e:  # noqa: BLE001  any transport error is retried, then reported by name
-            if attempt == OPEN_TRIES:
-                raise UserError(f"shard unreachable after {OPEN_TRIES} tries: {url!r} "
-                                f"({type(e).__name__}: {e}); check the URL and credentials") from None
+            hint = remote_error(url, e)
+            if attempt == OPEN_TRIES or (hint and "cannot connect" not in hint):  # a wrong name stays wrong
+                raise UserError(f"shard unreachable after {attempt} tries: " + (hint or (
+                    f"{url!r} ({type(e).__name__}: {e}); check the URL and credentials"))) from None
             log.warning("opening shard %s failed (%s: %s); retry %d in %.1fs", url, type(e).__name__, e,
                         attempt, delay)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+def open_shard(url: str) -> "ResumingReader":
+    """A shard's bytes; a read that fails is retried from the byte offset reached (see ResumingReader)."""
+    return ResumingReader(url)
+
+
+class ResumingReader:
+    """A shard file that survives dropped connections: a failed read reopens the URL at the offset the
+    reader had reached and reads again, with backoff, up to READ_TRIES times in a row; every successful
+    read resets the count. Nothing is restarted or skipped, so the bytes seen are the stored bytes.
+
+    The unit of re-reading is one read of the underlying file: s3fs/gcsfs fetch `default_block_size`
+    (5 MiB) per request and keep none of a block cut short, so at most one block is fetched again. A
+    non-seekable stream (`pipe:`) is reopened and read forward to the offset.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self._f = _open_raw(url)
+        self._seekable = bool(getattr(self._f, "seekable", lambda: False)())
+        self._pos = 0
+
+    def seekable(self) -> bool:
+        return self._seekable
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = self._f.seek(offset, whence)
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        delay = OPEN_BACKOFF_S
+        for attempt in range(1, READ_TRIES + 1):
+            try:
+                data = self._f.read(n)
+                self._pos += len(data)
+                return data
+            except Exception as e:  # noqa: BLE001  transports raise many types (aiohttp, botocore, OSError)
+                if attempt == READ_TRIES:
+                    raise UserError(f"reading shard {self.url!r} at byte {self._pos} failed {READ_TRIES} times "
+                                    f"({type(e).__name__}: {str(e)[:200]}); check the network and the endpoint"
+                                    ) from None
+                log.warning("reading shard %s at byte %d failed (%s: %.200s); reopening there, retry %d in %.1fs",
+                            self.url, self._pos, type(e).__name__, e, attempt, delay)
+                time.sleep(delay)
+                delay *= 2
+                self._reopen()
+        raise AssertionError("unreachable")
+
+    def _reopen(self) -> None:
+        try:
+            self._f.close()
+        except Exception:  # noqa: BLE001  the old connection is already broken
+            pass
+        self._f = _open_raw(self.url)
+        if self._seekable:
+            self._f.seek(self._pos)
+            return
+        left = self._pos
+        while left > 0:  # a stream: read forward to where we were
+            got = self._f.read(min(left, 1 << 20))
+            if not got:
+                raise UserError(f"shard {self.url!r} is shorter on reopening ({self._pos - left} bytes) than "
+                                f"the {self._pos} bytes read before; it changed while being read")
+            left -= len(got)
+
+    def close(self) -> None:
+        self._f.close()

@@ -1,5 +1,5 @@
 """`vit-pretrain shards SOURCE --out DIR`: WebDataset shards from an image folder, a CSV/JSONL list,
-scikit-learn's `digits`, or `synthetic:N`.
+Parquet files holding image bytes (the Hugging Face datasets layout), scikit-learn's `digits`, or `synthetic:N`.
 
 Writes `DIR/<split>-NNNNNN.tar` (samples `<key>.jpg|png` + `<key>.cls`), `DIR/<split>.json` (our index:
 shards, per-shard counts, class names, how it was made) and `DIR/_info.json` (timm's WebDataset reader
@@ -12,17 +12,20 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import io
 import json
 import logging
 import multiprocessing
 import sys
+import time
 from typing import Optional
 
 import fsspec
 import numpy as np
 from PIL import Image
 
+from pretrain.data.index import remote_error
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,7 @@ def _label_table(raw: list[str]) -> tuple[list[int], list[str]]:
 def _folder_items(root: str) -> tuple[list[tuple], list[str]]:
     fs, path = fsspec.core.url_to_fs(root)
     if not fs.isdir(path):
-        raise UserError(f"source {root!r} is not a folder, a .csv/.jsonl file, 'digits' or 'synthetic:N'")
+        raise UserError(f"source {root!r} is not a folder, a .csv/.jsonl/.parquet file, 'digits' or 'synthetic:N'")
     path = path.rstrip("/")
     files = sorted(p for p in fs.find(path) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
     if not files:
@@ -105,6 +108,48 @@ def _list_items(source: str) -> tuple[list[tuple], list[str]]:
     return [("file", p, lab) for p, lab in zip(paths, labels)], classes
 
 
+def _parquet_items(source: str) -> tuple[list[tuple], list[str]]:
+    """Rows of Parquet files (one file or a glob), the Hugging Face datasets layout: an `image` column of
+    {bytes, path} structs (or plain bytes) and an optional `label` column; ClassLabel names, when the
+    file's `huggingface` metadata has them, become the class names."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("Parquet sources need pyarrow: pip install 'vit-pretrain[parquet]'") from None
+    fs, path = fsspec.core.url_to_fs(source)
+    files = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
+    if not files or not all(fs.exists(f) for f in files):
+        raise UserError(f"source {source!r}: no such Parquet file")
+    items, raw, classes = [], [], None
+    for f in files:
+        url = fs.unstrip_protocol(f)
+        with fs.open(f, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            names = pf.schema_arrow.names
+            image_col = "image" if "image" in names else "img" if "img" in names else None
+            if image_col is None:
+                raise UserError(f"{url}: no 'image' column (columns: {', '.join(names)}); expected the Hugging "
+                                "Face datasets layout, image.bytes + label")
+            label_col = next((c for c in ("label", "labels", "cls") if c in names), None)
+            hf = json.loads((pf.schema_arrow.metadata or {}).get(b"huggingface", b"{}"))
+            feat = hf.get("info", {}).get("features", {}).get(label_col or "", {})
+            if feat.get("names"):
+                classes = classes or [str(c) for c in feat["names"]]
+            for rg in range(pf.num_row_groups):
+                n = pf.metadata.row_group(rg).num_rows
+                labs = (pf.read_row_group(rg, columns=[label_col]).column(0).to_pylist() if label_col
+                        else [None] * n)
+                items += [("parquet", (url, rg, i, image_col), -1) for i in range(n)]
+                raw += ["" if v is None else str(v) for v in labs]
+    if not items:
+        raise UserError(f"source {source!r} holds no rows")
+    if classes is not None:
+        labels = [int(r) if r != "" else -1 for r in raw]
+    else:
+        labels, classes = _label_table(raw)
+    return [(k, ref, lab) for (k, ref, _), lab in zip(items, labels)], classes
+
+
 def _source_items(source: str, seed: int) -> tuple[list[tuple], list[str]]:
     if source == "digits":
         from sklearn.datasets import load_digits
@@ -121,6 +166,8 @@ def _source_items(source: str, seed: int) -> tuple[list[tuple], list[str]]:
         return [("synthetic", (seed, i), int(labels[i])) for i in range(n)], [str(i) for i in range(SYNTHETIC_CLASSES)]
     if source.endswith((".csv", ".jsonl")):
         return _list_items(source)
+    if source.endswith(".parquet"):
+        return _parquet_items(source)
     return _folder_items(source)
 
 
@@ -140,6 +187,16 @@ def _synthetic_image(seed: int, i: int, label: int) -> Image.Image:
     hue = np.array([np.cos(label), np.cos(label + 2.1), np.cos(label + 4.2)], dtype=np.float32)
     img = 128 + 60 * wave[..., None] * hue + rng.normal(0, 12, (s, s, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+@functools.lru_cache(maxsize=8)
+def _parquet_cells(url: str, row_group: int, column: str) -> list:
+    """One row group's image bytes (a worker keeps the last few: items arrive shuffled across the corpus)."""
+    import pyarrow.parquet as pq
+
+    with fsspec.open(url, "rb") as f:
+        col = pq.ParquetFile(f).read_row_group(row_group, columns=[column]).column(0).to_pylist()
+    return [v.get("bytes") if isinstance(v, dict) else v for v in col]
 
 
 def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
@@ -165,8 +222,11 @@ def _prepare(job: tuple) -> tuple[Optional[str], Optional[bytes], str]:
     if kind == "synthetic":
         return "jpg", _encode(_synthetic_image(ref[0], ref[1], label), "JPEG", quality), ""
     try:
-        with fsspec.open(ref, "rb") as f:
-            data = f.read()
+        if kind == "parquet":
+            data = _parquet_cells(ref[0], ref[1], ref[3])[ref[2]]
+        else:
+            with fsspec.open(ref, "rb") as f:
+                data = f.read()
     except Exception as e:  # noqa: BLE001  reported and skipped, by name
         return None, None, f"cannot read ({type(e).__name__}: {e})"
     if not data:
@@ -195,33 +255,112 @@ def _prepare(job: tuple) -> tuple[Optional[str], Optional[bytes], str]:
 # ----------------------------------------------------------------------------- writing
 
 
+def _is_local_fs(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, (list, tuple)) else [fs.protocol])
+
+
+TAR_MTIME = 0.0
+"""Member time stamps in the tars: fixed, so the same source and options give the same bytes (a resumed
+write equals a clean one)."""
+PARTIAL = ".partial"
+"""A shard is written as NAME.partial and renamed to NAME once closed: a NAME that exists is finished."""
+
+
+class _Progress:
+    """Count, rate and ETA on stderr every `every_s` seconds (in place on a terminal), and a summary."""
+
+    def __init__(self, split: str, total: int, done: int, every_s: float):
+        self.split, self.total, self.start_done = split, total, done
+        self.tty = sys.stderr.isatty()
+        self.every_s = every_s or (1.0 if self.tty else 30.0)
+        self.t0 = self.last = time.monotonic()
+
+    def _line(self, done: int, shards: int, skipped: int) -> str:
+        el = time.monotonic() - self.t0
+        rate = (done - self.start_done) / el if el > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        return (f"shards {self.split}: {done:,}/{self.total:,} images ({100 * done / max(1, self.total):.1f}%), "
+                f"{rate:,.0f} img/s, ETA {_hms(eta)}, {shards} shards written, {skipped} skipped")
+
+    def update(self, done: int, shards: int, skipped: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            end = "\r" if self.tty else "\n"
+            print(self._line(done, shards, skipped), file=sys.stderr, end=end, flush=True)
+
+    def summary(self, done: int, shards: int, skipped: int, resumed: int) -> None:
+        el = time.monotonic() - self.t0
+        rate = (done - self.start_done) / el if el > 0 else 0.0
+        again = f"; {resumed} finished shards kept from an earlier run" if resumed else ""
+        print(f"shards {self.split}: {done - self.start_done:,} images read in {_hms(el)} ({rate:,.0f} img/s), "
+              f"{shards} shards, {skipped} skipped{again}", file=sys.stderr, flush=True)
+
+
+def _hms(s: float) -> str:
+    if s != s or s == float("inf"):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _finished_shards(split: str, out_dir: str, fs) -> tuple[list[str], list[int], int]:
+    """Shards a previous run finished (renamed from .partial), in order: (names, counts, next item index).
+    Each is read back (tar headers only); the last key's item index says where the next shard starts."""
+    from pretrain.data.tario import ShardCursor
+
+    names, counts, nxt = [], [], 0
+    while fs.exists(f"{out_dir}/{split}-{len(names):06d}.tar"):
+        name = f"{split}-{len(names):06d}.tar"
+        c = ShardCursor(fs.unstrip_protocol(f"{out_dir}/{name}"))
+        try:
+            keys = []
+            while (got := c._take_sample(read=False)) is not None:
+                keys.append(got[0])
+        finally:
+            c.close()
+        if c.broken or not keys:
+            break  # not ours or damaged: rewritten from here
+        names.append(name)
+        counts.append(len(keys))
+        nxt = int(keys[-1].rsplit("_", 1)[1]) + 1
+    return names, counts, nxt
+
+
 def _write_split(split: str, jobs: list[tuple], out_dir: str, fs, pool, *, samples_per_shard: int,
-                 max_shard_bytes: int, skipped: list) -> dict:
+                 max_shard_bytes: int, skipped: list, progress_s: float) -> dict:
     from webdataset import TarWriter
 
-    shards: list[str] = []
-    counts: list[int] = []
+    shards, counts, first = _finished_shards(split, out_dir, fs)
+    resumed = len(shards)
+    n_skipped = first - sum(counts)  # items before `first` that are in no finished shard were skipped
     writer = stream = None
     size = 0
+    prog = _Progress(split, len(jobs), first, progress_s)
 
     def close():
         if writer is not None:
             writer.close()
             stream.close()
+            fs.mv(f"{out_dir}/{shards[-1]}{PARTIAL}", f"{out_dir}/{shards[-1]}")
 
-    results = pool.imap(_prepare, jobs, chunksize=16) if pool is not None else map(_prepare, jobs)
-    for n, (job, (ext, payload, reason)) in enumerate(zip(jobs, results)):
+    todo = jobs[first:]
+    results = pool.imap(_prepare, todo, chunksize=16) if pool is not None else map(_prepare, todo)
+    n = first - 1
+    for n, (job, (ext, payload, reason)) in enumerate(zip(todo, results), first):
         (kind, ref, label) = job[0]
+        prog.update(n, len(shards), n_skipped)
         if ext is None:
             skipped.append((str(ref), reason))
+            n_skipped += 1
             print(f"skipped {ref}: {reason}", file=sys.stderr)
             continue
         if writer is None or counts[-1] >= samples_per_shard or (
                 max_shard_bytes and size + len(payload) > max_shard_bytes and counts[-1] > 0):
             close()
             name = f"{split}-{len(shards):06d}.tar"
-            stream = fs.open(f"{out_dir}/{name}", "wb")
-            writer = TarWriter(stream, encoder=False)
+            stream = fs.open(f"{out_dir}/{name}{PARTIAL}", "wb")
+            writer = TarWriter(stream, encoder=False, mtime=TAR_MTIME)
             shards.append(name)
             counts.append(0)
             size = 0
@@ -232,14 +371,39 @@ def _write_split(split: str, jobs: list[tuple], out_dir: str, fs, pool, *, sampl
         counts[-1] += 1
         size += len(payload) + 1536  # payload + headers, roughly
     close()
-    return {"shards": shards, "counts": counts, "num_samples": sum(counts)}
+    prog.summary(len(jobs), len(shards), n_skipped, resumed)
+    return {"shards": shards, "counts": counts, "num_samples": sum(counts), "skipped": n_skipped}
+
+
+CLAIM = "_writing.json"
+"""Written first with the options, removed last: a rerun resumes only a write made with the same options."""
+
+
+def _claim(fs, root: str, out: str, options: dict) -> None:
+    for name in (CLAIM, "train.json"):
+        if not fs.exists(f"{root}/{name}"):
+            continue
+        with fs.open(f"{root}/{name}", "r") as f:
+            had = json.load(f)
+        had = had.get("made_by", had)
+        diff = [k for k in options if had.get(k) != options[k]]
+        if diff:
+            k = diff[0]
+            raise UserError(f"{out} holds shards written with --{k.replace('_', '-')}={had.get(k)!r}, not "
+                            f"{options[k]!r}; rerun with the same options to resume, or choose another --out")
+    with fs.open(f"{root}/{CLAIM}", "w") as f:
+        json.dump(options, f, indent=1)
 
 
 def write_shards(source: str, out_dir: str, *, samples_per_shard: int = 5000, max_shard_bytes: int = 0,
                  val_fraction: float = 0.0, seed: int = 0, max_side: int = 0, quality: int = 90,
-                 workers: int = 1) -> dict:
+                 workers: int = 1, progress_s: float = 0.0) -> dict:
     """Write shards + indexes; returns {"out", "classes", "splits": {name: {index, shards, counts,
-    num_samples}}, "skipped": [(source, reason)]}."""
+    num_samples, skipped}}, "skipped": [(source, reason)] of this run}.
+
+    Resumable: shards are written under a temporary name and renamed when closed, so a rerun with the same
+    options keeps every finished shard and writes only the rest; the result equals an uninterrupted write.
+    `progress_s`: seconds between progress lines on stderr (0: 1 s on a terminal, 30 s otherwise)."""
     if samples_per_shard < 1:
         raise UserError(f"--samples-per-shard {samples_per_shard}: must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
@@ -254,33 +418,43 @@ def write_shards(source: str, out_dir: str, *, samples_per_shard: int = 5000, ma
     if n_val:
         splits["val"] = items[:n_val]
     fs, root = fsspec.core.url_to_fs(out_dir)
-    fs.makedirs(root, exist_ok=True)
+    if _is_local_fs(fs):  # object stores have no folders; s3fs's makedirs would create a mistyped bucket
+        fs.makedirs(root, exist_ok=True)
     out = out_dir.rstrip("/")
     skipped: list = []
-    made_by = {"source": source, "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
-               "val_fraction": val_fraction, "seed": seed, "max_side": max_side, "quality": quality,
-               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    options = {"source": source, "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
+               "val_fraction": val_fraction, "seed": seed, "max_side": max_side, "quality": quality}
+    made_by = {**options, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    n_skipped = 0
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     result = {"out": out, "classes": classes, "splits": {}, "skipped": skipped}
     info = {"name": out.rsplit("/", 1)[-1], "splits": {}}
     try:
+        _claim(fs, root, out, options)
         for split, its in splits.items():
             got = _write_split(split, [(it, max_side, quality) for it in its], root, fs, pool,
                                samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes,
-                               skipped=skipped)
-            meta = {"split": split, **got, "classes": classes,
-                    "made_by": {**made_by, "skipped": len(skipped)}}
+                               skipped=skipped, progress_s=progress_s)
+            n_skipped += got.pop("skipped")
+            meta = {"split": split, **got, "classes": classes, "made_by": {**made_by, "skipped": n_skipped}}
             with fs.open(f"{root}/{split}.json", "w") as f:
                 json.dump(meta, f, indent=1)
             info["splits"][split] = {"name": split, "num_samples": got["num_samples"],
                                      "filenames": got["shards"], "shard_lengths": got["counts"]}
             result["splits"][split] = {"index": f"{out}/{split}.json", **got}
+        result["num_skipped"] = n_skipped
+    except Exception as e:  # noqa: BLE001  an object store's errors are many types; named ones become one line
+        hint = remote_error(out, e)
+        if hint:
+            raise UserError(hint) from None
+        raise
     finally:
         if pool is not None:
             pool.close()
             pool.join()
     with fs.open(f"{root}/_info.json", "w") as f:
         json.dump(info, f, indent=1)
+    fs.rm(f"{root}/{CLAIM}")
     if not any(s["num_samples"] for s in result["splits"].values()):
         raise UserError(f"no readable images in {source!r} ({len(skipped)} skipped)")
     return result
@@ -288,7 +462,7 @@ def write_shards(source: str, out_dir: str, *, samples_per_shard: int = 5000, ma
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="image folder (sub-folder = class), .csv/.jsonl of path,label, "
-                                       "'digits', or 'synthetic:N'")
+                                       ".parquet file or glob (image.bytes + label), 'digits', or 'synthetic:N'")
     parser.add_argument("--out", required=True, help="output folder (any fsspec URL)")
     parser.add_argument("--samples-per-shard", type=int, default=5000, help="samples per tar shard")
     parser.add_argument("--max-shard-bytes", type=float, default=0,
@@ -299,13 +473,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-encode images whose longer side exceeds this (0 = keep as is)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     parser.add_argument("--workers", type=int, default=1, help="processes reading and re-encoding images")
+    parser.add_argument("--progress-seconds", type=float, default=0,
+                        help="seconds between progress lines on stderr (0: 1 on a terminal, 30 otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
     res = write_shards(args.source, args.out, samples_per_shard=args.samples_per_shard,
                        max_shard_bytes=int(args.max_shard_bytes), val_fraction=args.val_fraction,
-                       seed=args.seed, max_side=args.max_side, quality=args.quality, workers=args.workers)
+                       seed=args.seed, max_side=args.max_side, quality=args.quality, workers=args.workers,
+                       progress_s=args.progress_seconds)
     for split, s in res["splits"].items():
         print(f"{split}: {s['num_samples']} samples in {len(s['shards'])} shards -> {s['index']}")
-    print(f"classes: {len(res['classes'])}; skipped: {len(res['skipped'])}")
+    print(f"classes: {len(res['classes'])}; skipped: {res['num_skipped']}")
     return 0
