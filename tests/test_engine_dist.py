@@ -178,18 +178,21 @@ def test_world_size_change_resume_carries_weights_optimizer_and_schedule(two_pro
 def test_one_process_checkpoint_resumes_on_two_processes(shards, tmp_path):
     common = [f"data.train_urls={shards}/train.json", f"run.out_dir={tmp_path}", "run.name=grow",
               "checkpoint.every_steps=4"]
-    one = run_cli("train", str(CONFIGS["mae"]), *common, "optim.max_steps=4")
+    one = run_cli("train", str(CONFIGS["mae"]), *common, "optim.max_steps=3")
     assert one.returncode == 0, one.stderr[-3000:]
+    # 160 samples, 20 steps of 8 per epoch: 3 done leave 136, 8.5 steps of 2 x 8: the 12th step is ragged
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), __file__, str(CONFIGS["mae"]), *common, "optim.max_steps=7"]
+           str(free_port()), __file__, str(CONFIGS["mae"]), *common, "optim.max_steps=13"]
     two = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "step_00000004_universal at step 4" in two.stderr
+    assert "step_00000003_universal at step 3" in two.stderr
+    assert "its last 1 step(s) are ragged, 8 padded samples weigh 0" in two.stderr, two.stderr[-3000:]
     run = tmp_path / "grow"
     assert json.loads((run / "params_rank0.json").read_text()) == json.loads((run / "params_rank1.json").read_text())
     rows = metrics_rows(run)
-    assert sorted(rows) == list(range(1, 8)) and rows[7]["samples"] == 4 * 8 + 3 * 16
+    assert sorted(rows) == list(range(1, 14)) and rows[13]["samples"] == 3 * 8 + 10 * 16
+    assert rows[13]["epoch"] == 1  # step 13 is the next epoch's first, from a fresh 2-rank layout
 
 
 def test_cli_sigterm_checkpoints_and_exits_75_then_resumes(shards, tmp_path):

@@ -2,7 +2,8 @@
 and seed -> a resumed run logs the same losses and ends with the same weights as an uninterrupted one).
 
 Each cell is a shipped recipe reduced to CPU size with all of its stochastic features on (drop path,
-Mixup/CutMix, label smoothing, RandAugment, random erasing, colour jitter, EMA where the recipe has them),
+Mixup/CutMix, label smoothing, RandAugment, random erasing, colour jitter, EMA where the recipe has them;
+patch dropout and gradient accumulation in one cell each),
 trained on 2 processes under torchrun across epoch boundaries; the whole job is killed with SIGKILL at a
 random step after its first checkpoint and the same command is run again. Every logged metric and every
 consolidated parameter must equal the uninterrupted run's bit for bit.
@@ -33,10 +34,11 @@ CPU_SIZE = ["model.arch=vit_nano_patch4_16", "data.batch_size=8", "data.workers=
 CELLS = {
     "pretrain/supervised_vit_base_patch16_deit.yaml": (0, []),
     "pretrain/supervised_tiny_cpu.yaml": (3, ["model.drop_path_rate=0.2", "task.label_smoothing=0.1",
-                                               "data.color_jitter=0.4", "data.reprob=0.25"]),
+                                               "data.color_jitter=0.4", "data.reprob=0.25",
+                                               "model.patch_drop_rate=0.5"]),
     "pretrain/mae_vit_base_patch16.yaml": (3, []),
     "pretrain/mae_vit_large_patch16.yaml": (2, ["model.drop_path_rate=0.1"]),
-    "pretrain/mae_tiny_cpu.yaml": (1, []),
+    "pretrain/mae_tiny_cpu.yaml": (1, ["optim.accum_steps=2"]),
     "finetune/mae_vit_base_patch16_ft.yaml": (2, ["finetune.ema_decay=0.9", "data.color_jitter=0.4"]),
     "finetune/mae_vit_base_patch16_linprobe.yaml": (1, ["data.reprob=0.25"]),
 }
@@ -100,7 +102,7 @@ def test_kill9_resume_is_exact(recipe, data, tmp_path):
 
     whole, again = metrics_rows(tmp_path / "whole"), metrics_rows(tmp_path / "cut")
     assert sorted(whole) == sorted(again) == list(range(1, STEPS + 1))
-    assert whole[STEPS]["epoch"] == 2  # crossed two epoch boundaries
+    assert whole[STEPS]["epoch"] >= 2  # crossed at least two epoch boundaries
     keys = [k for k in whole[1] if k not in ("time", "images_per_sec", "data_wait", "flops_per_sec", "mfu")]
     for s in range(1, STEPS + 1):
         assert {k: whole[s][k] for k in keys} == {k: again[s].get(k) for k in keys}, \

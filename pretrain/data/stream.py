@@ -281,6 +281,11 @@ class TrainStream:
         layer = plan.layers[-1]
         short, full, accum = layer.short_batches(), self.world_size * self.layout.batch_size, self.layout.accum
         cur = self._history[-1]
+        if short and self.rank == 0 and cur[1] == 0:
+            steps = len({n // accum for n in short})
+            log.warning("epoch %d goes on with another layout: its last %d step(s) are ragged, %d padded samples "
+                        "weigh 0 (each remaining sample is learnt from once; docs/data.md)", epoch, steps,
+                        sum(full - c for c in short.values()))
         left = plan.layers[-1].batches_per_rank - cur[1]
         workers = self.cfg.data.workers
         ds = _TrainSlots(plan, self.index.shards, self.rank, cur[1], self.decoder, self.num_classes,
