@@ -35,7 +35,9 @@ from pretrain.tasks import build_task
 EXIT_NONFINITE = 1
 FAULT_ENV = "VIT_PRETRAIN_FAULT"
 """Fault injection for the chaos tests (tests/chaos): `RANK:STEP:WHERE` makes rank RANK raise at optimizer
-step STEP, in the step (`step`), in evaluation (`eval`) or in the checkpoint write (`save`). Unset in real runs."""
+step STEP, in the step (`step`), in evaluation (`eval`) or in the checkpoint write (`save`), or makes its
+loss NaN in that step (`nan`). STEP may be a range, `3-5`, or open, `3-`; several faults are joined with
+commas. Unset in real runs."""
 
 
 class NonFiniteError(RuntimeError):
@@ -53,23 +55,29 @@ def run(args: argparse.Namespace) -> int:
 
     config, overrides = split_config_args(args.config, args.overrides)
     cfg = load_config(config, overrides)
-    try:
-        result = train(cfg)
-    except NonFiniteError as e:
-        pdist.abort(e)
-        print(f"vit-pretrain train: stopped: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except BaseException as e:
-        if not pdist.abort(e):  # says which rank failed and ends the peers now, before any other cleanup
-            return EXIT_PEER_FAILED  # a consequence of a peer's failure: no traceback of its own
-        raise
-    pdist.teardown()
+    # the handlers stay until the process leaves: a second TERM during the checkpoint write or the
+    # teardown after it is answered like the first (by the flag), never by the default action (death)
+    with _stop_signals() as stop:
+        try:
+            result = train(cfg, stop)
+        except NonFiniteError as e:
+            pdist.abort(e)
+            print(f"vit-pretrain train: stopped: {e}", file=sys.stderr)
+            return EXIT_NONFINITE
+        except BaseException as e:
+            if not pdist.abort(e):  # says which rank failed and ends the peers now, before any other cleanup
+                return EXIT_PEER_FAILED  # a consequence of a peer's failure: no traceback of its own
+            raise
+        pdist.teardown()
     return EXIT_REQUEUE if result.get("stopped_early") else 0
 
 
-def train(cfg: Config) -> dict:
-    """Train from `cfg`; -> final metrics plus `run_dir`, `step`, `stopped_early`."""
+def train(cfg: Config, stop: threading.Event | None = None) -> dict:
+    """Train from `cfg`; -> final metrics plus `run_dir`, `step`, `stopped_early`. `stop`: a flag the
+    caller's signal handlers set (default: SIGTERM/SIGUSR1 handlers for the duration of the call)."""
     env = pdist.setup()
+    if stop is not None:
+        return Trainer(cfg, env, stop).fit()
     with _stop_signals() as stop:
         return Trainer(cfg, env, stop).fit()
 
@@ -77,7 +85,8 @@ def train(cfg: Config) -> dict:
 @contextlib.contextmanager
 def _stop_signals():
     """SIGTERM / SIGUSR1 (SLURM's pre-emption warning) set a flag; the loop finishes its step,
-    checkpoints and returns. Handlers are restored afterwards (and only installed on the main thread)."""
+    checkpoints and returns. Further signals only set the flag again (the handler does nothing else:
+    no I/O that a signal could re-enter). Handlers are restored afterwards (only on the main thread)."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -92,10 +101,22 @@ def _stop_signals():
             signal.signal(s, h)
 
 
+def _fault_due(rank: int, step: int, where: str) -> str | None:
+    """The fault of $VIT_PRETRAIN_FAULT naming this rank, step and place, or None (see FAULT_ENV)."""
+    for spec in os.environ.get(FAULT_ENV, "").split(","):
+        parts = spec.strip().split(":")
+        if len(parts) != 3 or parts[0] != str(rank) or parts[2] != where:
+            continue
+        lo, dash, hi = parts[1].partition("-")
+        if int(lo) == step or (dash and int(lo) <= step and (not hi or step <= int(hi))):
+            return spec.strip()
+    return None
+
+
 def _fault(rank: int, step: int, where: str) -> None:
-    """Raise when $VIT_PRETRAIN_FAULT names this rank, step and place (see FAULT_ENV)."""
-    spec = os.environ.get(FAULT_ENV)
-    if spec == f"{rank}:{step}:{where}":
+    """Raise when $VIT_PRETRAIN_FAULT names this rank, step and place."""
+    spec = _fault_due(rank, step, where)
+    if spec:
         raise RuntimeError(f"injected fault ({FAULT_ENV}={spec})")
 
 
@@ -322,7 +343,8 @@ class Trainer:
         lr = self.schedule(self.samples_seen, self.effective_batch)
         for g in engine.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        step_loss = None
+        step_loss, loss_sum = None, 0.0
+        nan_fault = _fault_due(self.rank, self.step + 1, "nan")
         for micro in range(accum):
             t0 = time.perf_counter()
             images, labels = next(self._batch_iter)
@@ -332,6 +354,9 @@ class Trainer:
             x, y = self._prepare(images, labels)
             with self._autocast():
                 loss, metrics = engine(x, y, self.step * accum + micro)
+            if nan_fault:
+                loss = loss * float("nan")
+            loss_sum = loss_sum + loss.detach()  # on the device; read only if the step is skipped
             engine.backward(loss)
             engine.step()
             step_loss = metrics if step_loss is None else {k: step_loss[k] + v for k, v in metrics.items()}
@@ -345,8 +370,13 @@ class Trainer:
             window.skipped += 1
             self.skipped_total += 1
             self.skipped_run += 1
+            self._last_skip = self._why_skipped(loss_sum)
             if self.skipped_run >= self.max_bad:
                 self._nonfinite_stop()
+            if self.rank == 0:
+                print(f"vit-pretrain: warning: step {self.step} skipped (no update): {self._last_skip}; "
+                      f"{self.skipped_run} in a row, the run stops at {self.max_bad} "
+                      "(optim.max_nonfinite_steps)", file=sys.stderr, flush=True)
         window.steps += 1
         self.log.advance()
         if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps:
@@ -366,12 +396,27 @@ class Trainer:
             self._save()
         return False
 
+    def _why_skipped(self, loss_sum) -> str:
+        """Which value was not finite in a skipped step: each rank's loss, else the gradient norm. The skip
+        is the same on every rank (the norm is global), so this collective runs on every rank or none."""
+        mine = torch.tensor([float(loss_sum)], dtype=torch.float64)  # host read: skipped steps only
+        losses = [mine]
+        if self.world > 1:
+            losses = [torch.zeros_like(mine) for _ in range(self.world)]
+            dist.all_gather(losses, mine, group=self.flag_group)
+        bad = [f"rank {r} ({v.item()})" for r, v in enumerate(losses) if not math.isfinite(v.item())]
+        if bad:
+            return "non-finite loss on " + ", ".join(bad)
+        gn = self.engine.get_global_grad_norm()
+        return f"non-finite gradient norm ({float(gn) if gn is not None else 'unknown'}), losses finite on every rank"
+
     def _nonfinite_stop(self):
         last = f"{self.ckpt_dir}/{self.last_good_tag}" if self.last_good_tag else "none yet"
         raise NonFiniteError(
             f"{self.skipped_run} consecutive steps with a non-finite loss or gradient norm, the last at step "
-            f"{self.step}; last good checkpoint: {last}. Lower optim.lr_per_256, raise optim.warmup_steps, "
-            "set optim.grad_clip, or try deepspeed.precision=bf16/fp32 (optim.max_nonfinite_steps sets the limit)")
+            f"{self.step}: {self._last_skip}; no update was applied, last good checkpoint: {last}. Lower "
+            "optim.lr_per_256, raise optim.warmup_steps, set optim.grad_clip, or try deepspeed.precision=bf16/fp32 "
+            "(optim.max_nonfinite_steps sets the limit)")
 
     def _log_window(self, window, lr: float) -> dict:
         values = window.read(self.world)  # the one host read of the window's sums (mean over ranks)
