@@ -45,8 +45,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line, pointing at --help (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vit-pretrain", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="vit-pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, description=help_)  # arguments: see main()
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         # build only the chosen subcommand's arguments (its module may import torch, timm, deepspeed)
         name = argv[0]
-        sub = argparse.ArgumentParser(prog=f"vit-pretrain {name}", description=COMMANDS[name][1])
+        sub = _Parser(prog=f"vit-pretrain {name}", description=COMMANDS[name][1])
         try:
             module = importlib.import_module(COMMANDS[name][0])
         except ModuleNotFoundError as e:

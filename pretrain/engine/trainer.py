@@ -138,6 +138,7 @@ class Trainer:
         self.ckpt_dir = f"{self.run_dir}/checkpoints"
 
         self.stream = stream if stream is not None else build_train_stream(cfg, self.rank, self.world)
+        self._check_eval_urls()
         if cfg.task.kind == "mae":
             self.num_classes = 0
         else:
@@ -189,6 +190,21 @@ class Trainer:
         self.max_bad = cfg.optim.max_nonfinite_steps + (32 if self.precision.name == "fp16" else 0)
 
     # ------------------------------------------------------------------ set-up helpers
+    def _check_eval_urls(self) -> None:
+        """Evaluation's shards resolve now (a local index or a listing), not at the first evaluation hours in."""
+        from pretrain.data.index import read_index
+
+        e = self.cfg.eval
+        urls = {"data.val_urls": self.cfg.data.val_urls}
+        if e.knn_every_steps:
+            urls.update({"eval.knn_train_urls": e.knn_train_urls, "eval.knn_val_urls": e.knn_val_urls})
+        for key, value in urls.items():
+            if value:
+                try:
+                    read_index(value)
+                except UserError as err:
+                    raise UserError(f"config key {key}: {err}") from None
+
     def _write_run_files(self) -> None:
         fs, root = fsspec.core.url_to_fs(self.run_dir)
         fs.makedirs(root, exist_ok=True)
