@@ -393,6 +393,11 @@ def load_resume(engine, points: list[ResumePoint], fallback: bool, *, rank: int,
                      "loading mode than the newest one")
         else:
             try:
+                if universal:  # the conversion unpickles the source files: checked first, on every rank
+                    try:
+                        check_torch_files(os.path.join(p.folder, p.tag))
+                    except UserError as e:
+                        raise UserError(f"could not load checkpoint {p.path}: {e}") from None
                 tag = to_universal(p.folder, p.tag, rank=rank) if universal else p.tag
                 client = load(engine, p.folder, tag)
                 if not client and universal:  # universal output may lack the client state
