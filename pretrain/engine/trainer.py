@@ -472,30 +472,24 @@ class Trainer:
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
     def _evaluate(self) -> dict | None:
+        """engine/evaluate.py's loop on data.val_urls (unlabelled samples left out), logged as val/*."""
         if not self.cfg.data.val_urls or not hasattr(self.module, "predict"):
             return None
-        from pretrain.data import build_eval_stream, normalize
+        from pretrain.data import build_eval_stream
+        from pretrain.engine.evaluate import evaluate
 
         d = self.cfg.data
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # correct1, correct5, loss_sum, n
-        from pretrain.tasks.supervised import topk_correct
+
+        def batches():
+            for batch in build_eval_stream(d.val_urls, self.cfg, self.rank, self.world):
+                _fault(self.rank, self.step, "eval")
+                yield batch
 
         self.engine.eval()
-        with torch.no_grad(), self._gathered():
-            for images, labels in build_eval_stream(d.val_urls, self.cfg, self.rank, self.world):
-                _fault(self.rank, self.step, "eval")
-                x = normalize(images.to(self.device, non_blocking=True), d.mean, d.std).to(self.precision.input_dtype)
-                y = labels.to(self.device, non_blocking=True)
-                with self._autocast():
-                    logits = self.module.predict(x).float()
-                c1, c5 = topk_correct(logits, y)
-                loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-                sums += torch.stack([c1.double(), c5.double(), loss.double(), torch.tensor(float(len(y)), device=self.device, dtype=torch.float64)])
+        with self._gathered():
+            result = evaluate(self.module, batches(), self.device, mean=d.mean, std=d.std,
+                              dtype=self.precision.input_dtype, autocast=self._autocast)
         self.engine.train()
-        if self.world > 1:
-            dist.all_reduce(sums)
-        c1, c5, loss, n = sums.tolist()
-        result = {"top1": c1 / max(n, 1), "top5": c5 / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
         self.log.scalars(self.step, "val", result)
         return {f"val_{k}": v for k, v in result.items()}
 
