@@ -29,15 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr_per_256=3e-4")
 
 
-def split_config_args(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
-    """`CONFIG key=v ...` or just `key=v ...`: a first argument with '=' is an override, not a file."""
-    if config is not None and "=" in config:
-        return None, [config, *overrides]
-    return config, list(overrides)
-
-
 def run(args: argparse.Namespace) -> int:
-    from pretrain.config import load_config, to_yaml
+    from pretrain.config import load_config, split_config_args, to_yaml
 
     config, overrides = split_config_args(args.config, args.overrides)
     cfg = load_config(config, overrides)

@@ -278,6 +278,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
+def split_config_args(config: Optional[str], overrides: list[str]) -> tuple[Optional[str], list[str]]:
+    """`CONFIG key=v ...` or just `key=v ...` (the command line's form): a first argument with '=' is an
+    override, not a file."""
+    if config is not None and "=" in config:
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
 def from_dict(tree: dict) -> Config:
     """Build a Config from a nested dict, type-checking each value against its field."""
     return _build(Config, tree, prefix="")

@@ -23,7 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from pretrain import dist as pdist
 from pretrain import rng
-from pretrain.config import Config, load_config, to_yaml
+from pretrain.config import Config, load_config, split_config_args, to_yaml
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.ds import initialize, resolve_device, resolve_precision
 from pretrain.engine.metrics import MetricsLogger, peak_flops
@@ -51,8 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @record  # under torchrun the failing rank's traceback is what the launcher reports (torchtitan does the same)
 def run(args: argparse.Namespace) -> int:
-    from pretrain.cli import split_config_args
-
     config, overrides = split_config_args(args.config, args.overrides)
     cfg = load_config(config, overrides)
     # the handlers stay until the process leaves: a second TERM during the checkpoint write or the
