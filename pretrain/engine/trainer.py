@@ -53,9 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config, overrides = split_config_args(args.config, args.overrides)
     cfg = load_config(config, overrides)
-    # the handlers stay until the process leaves: a second TERM during the checkpoint write or the
-    # teardown after it is answered like the first (by the flag), never by the default action (death)
-    with _stop_signals() as stop:
+    # the handlers stay until the process has left (never restored): a second TERM during the checkpoint
+    # write, the teardown or the interpreter's exit is answered like the first (by the flag), never by the
+    # default action, which would turn exit 75 into death by signal. SIGKILL still ends a stuck process.
+    with _stop_signals(restore=False) as stop:
         try:
             result = train(cfg, stop)
         except NonFiniteError as e:
@@ -81,10 +82,11 @@ def train(cfg: Config, stop: threading.Event | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def _stop_signals():
+def _stop_signals(restore: bool = True):
     """SIGTERM / SIGUSR1 (SLURM's pre-emption warning) set a flag; the loop finishes its step,
     checkpoints and returns. Further signals only set the flag again (the handler does nothing else:
-    no I/O that a signal could re-enter). Handlers are restored afterwards (only on the main thread)."""
+    no I/O that a signal could re-enter). Handlers are restored afterwards when `restore` (only
+    installed on the main thread)."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -95,7 +97,7 @@ def _stop_signals():
     try:
         yield flag
     finally:
-        for s, h in previous.items():
+        for s, h in previous.items() if restore else ():
             signal.signal(s, h)
 
 
