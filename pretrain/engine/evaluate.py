@@ -1,7 +1,8 @@
 """`vit-pretrain eval WEIGHTS --data URLS`: top-1, top-5, loss and count as JSON, on one process or many.
 
-`evaluate()` is the one evaluation loop (the trainer's periodic and final eval, this command, the quickstart): counts are summed
-across ranks once, after the loop, because ranks may hold different numbers of batches.
+`evaluate()` is the one evaluation loop (the trainer's periodic and final eval, this command, the
+quickstart): counts are summed across ranks once, after the loop, because ranks may hold different
+numbers of batches.
 """
 from __future__ import annotations
 

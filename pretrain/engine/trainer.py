@@ -389,7 +389,8 @@ class Trainer:
             self._last_skip = self._why_skipped(loss_sum)
             if self.skipped_run >= self.max_bad:
                 self._nonfinite_stop()
-            if self.rank == 0:
+            overflow = self.precision.name == "fp16" and "non-finite loss" not in self._last_skip
+            if self.rank == 0 and not overflow:  # fp16's loss scaler overflows by design while it finds its scale
                 print(f"vit-pretrain: warning: step {self.step} skipped (no update): {self._last_skip}; "
                       f"{self.skipped_run} in a row, the run stops at {self.max_bad} "
                       "(optim.max_nonfinite_steps)", file=sys.stderr, flush=True)
