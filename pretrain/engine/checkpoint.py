@@ -366,8 +366,12 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
     except Exception as e:  # noqa: BLE001  torch.load, pickle and DeepSpeed raise many types for a bad file
         bad = getattr(e, "filename", None) or _unreadable_file(os.path.join(ckpt_dir, tag))
         where = f"{bad} is unreadable: " if bad else ""
-        raise UserError(f"could not load checkpoint {ckpt_dir}/{tag}: {where}{type(e).__name__}: "
-                        f"{_first_line(e)}") from None
+        what = _first_line(e)
+        if "Error(s) in loading state_dict" in what:  # the reason is on the next lines: keep the first
+            detail = " ".join(ln.strip() for ln in str(e).strip().splitlines()[1:2])
+            what = (f"{what} {detail[:300]}{'...' if len(detail) > 300 else ''}; it holds another model than "
+                    "this config's (compare model.* with the config.yaml of its run)")
+        raise UserError(f"could not load checkpoint {ckpt_dir}/{tag}: {where}{type(e).__name__}: {what}") from None
     if path is None:
         raise UserError(f"could not load checkpoint {ckpt_dir}/{tag}: DeepSpeed found nothing there")
     return client or {}

@@ -120,7 +120,8 @@ def test_checkpoint_of_another_model_is_named(run, tmp_path):
     r = run_cli("train", TINY, f"data.train_urls={run}/shards/train.json", f"run.out_dir={tmp_path}",
                 "run.name=deeper", "model.depth=3", "optim.max_steps=4",
                 f"checkpoint.resume={run}/run/checkpoints/step_00000002", env=ENV)
-    line = _one_line_exit_2(r, f"could not load checkpoint {run}/run/checkpoints/step_00000002")
+    line = _one_line_exit_2(r, f"could not load checkpoint {run}/run/checkpoints/step_00000002",
+                            "Missing key(s) in state_dict: \"encoder.blocks.2.", "it holds another model")
     # the source checkpoint is untouched and still resumes its own model
     again = run_cli("train", TINY, f"data.train_urls={run}/shards/train.json", f"run.out_dir={tmp_path}",
                     "run.name=same", "optim.max_steps=3", f"checkpoint.resume={run}/run/checkpoints/step_00000002",
