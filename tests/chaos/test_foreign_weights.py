@@ -1,6 +1,7 @@
 """Weights and checkpoints vit-pretrain did not write, given to fine-tune, eval, export or resume: exit 2
 with one line naming the file, and never unpickling what could run code (a pickle whose __reduce__
-would create a marker file). Real processes through the CLI."""
+would create a marker file). Through the CLI: `train` as a process, `eval` and `export` (which start
+no job) in this one."""
 from __future__ import annotations
 
 import os
@@ -55,6 +56,17 @@ def _one_line_exit_2(r, *fragments):
     return lines[-1]
 
 
+class _Done:
+    """What `_one_line_exit_2` reads of a command run in this process through the CLI's entry point."""
+
+    def __init__(self, argv: list[str], capsys):
+        from pretrain.cli import main
+
+        capsys.readouterr()
+        self.returncode = main(argv)
+        self.stderr = capsys.readouterr().err
+
+
 def _weights(tmp_path: Path, kind: str) -> Path:
     marker = tmp_path / "ran"
     path = tmp_path / f"{kind}.pth"
@@ -70,14 +82,14 @@ def _weights(tmp_path: Path, kind: str) -> Path:
     return path
 
 
-def test_weights_that_are_not_safetensors(run, tmp_path):
+def test_weights_that_are_not_safetensors(run, tmp_path, capsys):
     pickled = "is a PyTorch pickle (.pt/.pth), not safetensors"
     cases = {"malicious": pickled, "legacy_pickle": pickled, "state_dict": pickled,
              "random": "not a readable safetensors file"}
     weights = {kind: _weights(tmp_path, kind) for kind in cases}
     lines = [_one_line_exit_2(_finetune(run, tmp_path, weights["malicious"]), str(weights["malicious"]), pickled)]
-    for kind, fragment in cases.items():  # eval reads weights the same way as fine-tuning (load_exported)
-        r = run_cli("eval", str(weights[kind]), "--data", f"{run}/shards/val.json", env=ENV)
+    for kind, fragment in cases.items():  # eval reads weights as fine-tuning does (load_exported); in-process
+        r = _Done(["eval", str(weights[kind]), "--data", f"{run}/shards/val.json"], capsys)
         lines.append(_one_line_exit_2(r, str(weights[kind]), fragment))
     assert not (tmp_path / "ran").exists()  # nothing was unpickled
     print(*lines, sep="\n")  # docs/reliability.md
@@ -93,7 +105,7 @@ def _tampered(run: Path, tmp_path: Path, name: str) -> tuple[Path, Path]:
     return copy, marker
 
 
-def test_checkpoint_that_would_run_code_is_refused(run, tmp_path):
+def test_checkpoint_that_would_run_code_is_refused(run, tmp_path, capsys):
     refusal = "is not a checkpoint vit-pretrain wrote: its pickle calls posix.system on load"
 
     def resume(copy):
@@ -104,7 +116,7 @@ def test_checkpoint_that_would_run_code_is_refused(run, tmp_path):
     copy, marker = _tampered(run, tmp_path / "model", "mp_rank_00_model_states.pt")
     bad = f"{copy}/checkpoints/step_00000002/mp_rank_00_model_states.pt"
     lines = [_one_line_exit_2(_finetune(run, tmp_path, copy), bad, refusal),  # a run folder as init_from
-             _one_line_exit_2(run_cli("export", str(copy), "--out", str(tmp_path / "w.safetensors"), env=ENV),
+             _one_line_exit_2(_Done(["export", str(copy), "--out", str(tmp_path / "w.safetensors")], capsys),
                               bad, refusal),
              _one_line_exit_2(resume(copy), bad, refusal)]
     assert not marker.exists()  # nothing was unpickled
