@@ -29,15 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr_per_256=3e-4")
 
 
-def split_config_args(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
-    """`CONFIG key=v ...` or just `key=v ...`: a first argument with '=' is an override, not a file."""
-    if config is not None and "=" in config:
-        return None, [config, *overrides]
-    return config, list(overrides)
-
-
 def run(args: argparse.Namespace) -> int:
-    from pretrain.config import load_config, to_yaml
+    from pretrain.config import load_config, split_config_args, to_yaml
 
     config, overrides = split_config_args(args.config, args.overrides)
     cfg = load_config(config, overrides)
@@ -45,8 +38,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line, pointing at --help (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vit-pretrain", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="vit-pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, description=help_)  # arguments: see main()
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         # build only the chosen subcommand's arguments (its module may import torch, timm, deepspeed)
         name = argv[0]
-        sub = argparse.ArgumentParser(prog=f"vit-pretrain {name}", description=COMMANDS[name][1])
+        sub = _Parser(prog=f"vit-pretrain {name}", description=COMMANDS[name][1])
         try:
             module = importlib.import_module(COMMANDS[name][0])
         except ModuleNotFoundError as e:

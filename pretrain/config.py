@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -293,6 +294,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
+def split_config_args(config: Optional[str], overrides: list[str]) -> tuple[Optional[str], list[str]]:
+    """`CONFIG key=v ...` or just `key=v ...` (the command line's form): a first argument with '=' is an
+    override, not a file."""
+    if config is not None and "=" in config:
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
 def from_dict(tree: dict) -> Config:
     """Build a Config from a nested dict, type-checking each value against its field."""
     return _build(Config, tree, prefix="")
@@ -311,7 +320,18 @@ def _read_text(path: str) -> str:
         with fsspec.open(path, "r") as f:
             return f.read()
     except FileNotFoundError:
+        first = path.split(".", 1)[0]
+        if "/" not in path and "." in path and first in {f.name for f in dataclasses.fields(Config)}:
+            raise UserError(f"{path!r} is neither a config file nor a key=value override "
+                            f"(e.g. {path}=VALUE)") from None
         raise UserError(f"config file not found: {path!r}") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path!r} is a folder; name a YAML file, e.g. "
+                        "configs/pretrain/mae_vit_base_patch16.yaml") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path!r} is not UTF-8 text (byte {e.start}); name a YAML file") from None
+    except PermissionError:
+        raise UserError(f"config file {path!r} is not readable (permission denied)") from None
 
 
 def _load_yaml_chain(path: str, seen: tuple) -> dict:
@@ -372,7 +392,9 @@ def _apply_override(tree: dict, item: str) -> None:
 
 def _build(cls, tree: Any, prefix: str):
     if not isinstance(tree, dict):
-        raise UserError(f"{prefix or 'config'}: expected a mapping of keys, got {tree!r}")
+        where = f"config key {prefix.rstrip('.')}" if prefix else "config"
+        raise UserError(f"{where}: got {tree!r}, expected a section (a mapping of keys); set its keys, "
+                        f"e.g. {prefix or 'optim.'}KEY=VALUE")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in tree:
@@ -410,8 +432,17 @@ def _coerce(value: Any, typ, dotted: str) -> Any:
     """Check `value` against `typ`, allowing only lossless conversions (int -> float)."""
     ok, out = _try_coerce(value, typ)
     if not ok:
+        if isinstance(value, (float, str)) and _nonfinite(value):
+            raise UserError(f"config key {dotted}: got {value!r}, expected a finite number")
         raise UserError(f"config key {dotted}: got {value!r}, expected {_type_name(typ)}")
     return out
+
+
+def _nonfinite(value: Any) -> bool:
+    try:
+        return not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _try_coerce(value: Any, typ) -> tuple[bool, Any]:
@@ -445,12 +476,12 @@ def _try_coerce(value: Any, typ) -> tuple[bool, Any]:
         return isinstance(value, bool), value
     if typ is int:
         return (isinstance(value, int) and not isinstance(value, bool)), value
-    if typ is float:
+    if typ is float:  # finite only: an inf or NaN setting only shows as a diverged run
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
+            return math.isfinite(value), float(value)
         if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
             try:
-                return True, float(value)
+                return math.isfinite(float(value)), float(value)
             except ValueError:
                 return False, None
         return False, None

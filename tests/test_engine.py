@@ -217,7 +217,8 @@ def test_nonfinite_steps_are_skipped_counted_then_stop(shards, tmp_path, monkeyp
     for stage in (0, 2):
         cfg = _cfg(TINY_SUP, shards, tmp_path, f"run.name=nan{stage}", "optim.max_steps=20",
                    "checkpoint.every_steps=2", "optim.max_nonfinite_steps=3", f"deepspeed.zero_stage={stage}")
-        with pytest.raises(NonFiniteError, match=r"3 consecutive .* step 5; last good checkpoint: .*step_00000004"):
+        with pytest.raises(NonFiniteError, match=r"3 consecutive .* step 5: non-finite loss on rank 0 \(nan\); "
+                                                 r".*last good checkpoint: .*step_00000004"):
             train(cfg)
 
 

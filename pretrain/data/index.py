@@ -26,6 +26,10 @@ OPEN_BACKOFF_S = 0.5
 """First retry delay; doubled each attempt (0.5, 1, 2 s)."""
 READ_TRIES = 6
 """Attempts of one read at one byte offset (reopening the shard there each time) before the run stops."""
+IO_TIMEOUT_ENV = "VIT_PRETRAIN_IO_TIMEOUT"
+"""Seconds an http(s) shard request may wait to connect, or between two reads of its answer, before the
+attempt fails (default 30). fsspec asks twice per open (HEAD, then GET), so a server that accepts and
+never answers ends the job after about OPEN_TRIES x 2 x this + the backoff (4 min at the default)."""
 
 
 @dataclass
@@ -166,6 +170,32 @@ def read_index(urls: Union[str, list[str]]) -> ShardIndex:
     return ShardIndex(shards, counts, classes)
 
 
+def _open_options(url: str) -> dict:
+    """fsspec options for a shard URL: http(s) requests get connect and read timeouts (aiohttp's own
+    default is 5 minutes in total per request, and none per read)."""
+    if not url.startswith(("http://", "https://")):
+        return {}
+    try:
+        import aiohttp
+    except ImportError:
+        raise UserError(f"shard {url!r}: http(s) shards need aiohttp: pip install 'vit-pretrain[http]'") from None
+    timeout = float(os.environ.get(IO_TIMEOUT_ENV) or 30)
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout,
+                                                               sock_read=timeout)}}
+
+
+def _reason(e: BaseException) -> str:
+    """`Type: message` of an error and of the cause it wraps (fsspec's http reports a timeout as
+    FileNotFoundError(url) from the timeout)."""
+    text = f"{type(e).__name__}: {e}"
+    cause = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    if cause is not None and cause is not e:
+        text += f", from {type(cause).__name__}: {cause or 'no answer'}"
+        if isinstance(cause, TimeoutError):
+            text += f" (${IO_TIMEOUT_ENV}={os.environ.get(IO_TIMEOUT_ENV) or 30}s)"
+    return text
+
+
 def _open_raw(url: str):
     """A binary file object for a shard; retried with backoff, then a UserError naming the URL."""
     delay = OPEN_BACKOFF_S
@@ -175,14 +205,15 @@ def _open_raw(url: str):
                 from webdataset.gopen import gopen  # webdataset owns the pipe: protocol (shell commands)
 
                 return gopen(url, "rb")
-            return fsspec.open(url, "rb").open()
+            return fsspec.open(url, "rb", **_open_options(url)).open()
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001  any transport error is retried, then reported by name
             hint = remote_error(url, e)
             if attempt == OPEN_TRIES or (hint and "cannot connect" not in hint):  # a wrong name stays wrong
                 raise UserError(f"shard unreachable after {attempt} tries: " + (hint or (
-                    f"{url!r} ({type(e).__name__}: {e}); check the URL and credentials"))) from None
-            log.warning("opening shard %s failed (%s: %s); retry %d in %.1fs", url, type(e).__name__, e,
-                        attempt, delay)
+                    f"{url!r} ({_reason(e)}); check the URL, the server and credentials"))) from None
+            log.warning("opening shard %s failed (%s); retry %d in %.1fs", url, _reason(e), attempt, delay)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")

@@ -8,11 +8,14 @@ sharing a key (the name up to the first dot of its basename) form one sample.
 """
 from __future__ import annotations
 
+import logging
 import re
 import tarfile
 from typing import Optional
 
 from pretrain.data.index import open_shard
+
+log = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # the same split as webdataset's base_plus_ext
 
@@ -23,7 +26,7 @@ class ShardCursor:
     def __init__(self, url: str):
         self.url = url
         self.pos = 0
-        self.broken: Optional[str] = None  # why reading stopped early (truncated or corrupt tar)
+        self.broken: Optional[str] = None  # why reading stopped early (truncated or corrupt tar), and where
         self._pending = None  # (key, ext, member): first member of the next sample, data not yet read
         self._file = open_shard(url)
         seekable = bool(getattr(self._file, "seekable", lambda: False)())
@@ -31,7 +34,14 @@ class ShardCursor:
             self._tar = tarfile.open(fileobj=self._file, mode="r:" if seekable else "r|")
         except (tarfile.TarError, OSError, EOFError) as e:
             self._tar = None
-            self.broken = f"not a readable tar ({e})"
+            self._break(f"not a readable tar ({e})", 0)
+
+    def _break(self, why: str, offset: int) -> None:
+        """Stop reading this shard: said once, here, with the byte offset; the samples not read are
+        counted as bad by the stream (data.max_bad_fraction), so a damaged shard is never silent."""
+        self.broken = f"{why} at byte {offset}, sample #{self.pos}"
+        log.warning("shard %s is truncated or corrupt: %s; its remaining samples count as bad "
+                    "(data.max_bad_fraction)", self.url, self.broken)
 
     def close(self) -> None:
         try:
@@ -45,7 +55,7 @@ class ShardCursor:
             try:
                 m = self._tar.next()
             except (tarfile.TarError, OSError, EOFError) as e:
-                self.broken = f"truncated or corrupt tar ({e})"
+                self._break(f"truncated or corrupt tar ({e})", self._tar.offset)
                 return None
             if m is None:
                 return None
@@ -71,7 +81,7 @@ class ShardCursor:
                 try:
                     data[ext] = self._tar.extractfile(m).read()
                 except (tarfile.TarError, OSError, EOFError) as e:
-                    self.broken = f"truncated or corrupt tar ({e})"
+                    self._break(f"truncated or corrupt tar ({e}) in member {m.name!r}", m.offset_data)
                     data[ext] = None  # type: ignore[assignment]  marks the sample truncated
                     break
             nxt = self._next_member()

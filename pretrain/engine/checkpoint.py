@@ -308,6 +308,40 @@ def resume_points(resume: str, ckpt_dir: str, *, rank: int = 0) -> tuple[list[Re
                     "meta.json there); use auto, never, or a path like RUN/checkpoints/step_00001000")
 
 
+TRUSTED_GLOBALS = frozenset({
+    # what our own checkpoints pickle besides tensors and containers: the data loader's numpy RNG state
+    # (numpy 1 and 2 spell it differently) and DeepSpeed's optimizer metadata
+    "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
+    "deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+})
+"""Names a checkpoint's pickle may call on load. DeepSpeed loads its files with torch.load(weights_only=False),
+so any other name (os.system, a foreign class) is refused before DeepSpeed or we unpickle the file."""
+
+
+def check_torch_file(path: str) -> None:
+    """Refuse a torch file whose pickle calls anything but tensors, containers and TRUSTED_GLOBALS,
+    read from the pickle's opcodes without running it; an unreadable file is named. UserError either way."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:  # noqa: BLE001  not a zip, truncated, empty: torch raises several types
+        raise UserError(f"{path} is unreadable: {type(e).__name__}: {_first_line(e)}") from None
+    foreign = sorted(set(names) - TRUSTED_GLOBALS)
+    if foreign:
+        raise UserError(f"{path} is not a checkpoint vit-pretrain wrote: its pickle calls {', '.join(foreign[:3])} "
+                        "on load, which could run any code; refusing to load it. Use checkpoints of your own "
+                        "runs, or weights as .safetensors")
+
+
+def check_torch_files(folder: str) -> None:
+    """check_torch_file on each torch file of a local tag folder."""
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".pt"):
+                check_torch_file(os.path.join(folder, name))
+
+
 def _unreadable_file(folder: str) -> str | None:
     """The first torch file of a local tag folder that is not a whole zip archive (truncated, foreign)."""
     import zipfile
@@ -324,12 +358,20 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
     """Load module, optimizer and our client state into `engine`; returns the client state.
     A failure is a UserError naming the checkpoint, the file when one is unreadable, and the reason."""
     try:
+        check_torch_files(os.path.join(ckpt_dir, tag))
+    except UserError as e:
+        raise UserError(f"could not load checkpoint {ckpt_dir}/{tag}: {e}") from None
+    try:
         path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True)
     except Exception as e:  # noqa: BLE001  torch.load, pickle and DeepSpeed raise many types for a bad file
         bad = getattr(e, "filename", None) or _unreadable_file(os.path.join(ckpt_dir, tag))
         where = f"{bad} is unreadable: " if bad else ""
-        raise UserError(f"could not load checkpoint {ckpt_dir}/{tag}: {where}{type(e).__name__}: "
-                        f"{_first_line(e)}") from None
+        what = _first_line(e)
+        if "Error(s) in loading state_dict" in what:  # the reason is on the next lines: keep the first
+            detail = " ".join(ln.strip() for ln in str(e).strip().splitlines()[1:2])
+            what = (f"{what} {detail[:300]}{'...' if len(detail) > 300 else ''}; it holds another model than "
+                    "this config's (compare model.* with the config.yaml of its run)")
+        raise UserError(f"could not load checkpoint {ckpt_dir}/{tag}: {where}{type(e).__name__}: {what}") from None
     if path is None:
         raise UserError(f"could not load checkpoint {ckpt_dir}/{tag}: DeepSpeed found nothing there")
     return client or {}
@@ -355,6 +397,11 @@ def load_resume(engine, points: list[ResumePoint], fallback: bool, *, rank: int,
                      "loading mode than the newest one")
         else:
             try:
+                if universal:  # the conversion unpickles the source files: checked first, on every rank
+                    try:
+                        check_torch_files(os.path.join(p.folder, p.tag))
+                    except UserError as e:
+                        raise UserError(f"could not load checkpoint {p.path}: {e}") from None
                 tag = to_universal(p.folder, p.tag, rank=rank) if universal else p.tag
                 client = load(engine, p.folder, tag)
                 if not client and universal:  # universal output may lack the client state
@@ -377,7 +424,8 @@ def load_resume(engine, points: list[ResumePoint], fallback: bool, *, rank: int,
 def load_client_state(ckpt_dir: str, tag: str) -> dict:
     """Our client state straight from a DeepSpeed tag folder (written by rank 0 with the module)."""
     path = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
-    # our own file, holding numpy RNG state next to tensors: DeepSpeed reads it the same way
+    # numpy RNG state next to tensors: read as DeepSpeed reads it, once checked to call nothing else
+    check_torch_file(path)
     state = torch.load(path, map_location="cpu", weights_only=False)
     skip = {"module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
             "shared_params", "frozen_param_fragments", "csr_tensor_module_names", "ds_config", "ds_version"}

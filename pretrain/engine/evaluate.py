@@ -1,7 +1,8 @@
 """`vit-pretrain eval WEIGHTS --data URLS`: top-1, top-5, loss and count as JSON, on one process or many.
 
-`evaluate()` is the reusable loop (the trainer's periodic eval, the quickstart): counts are summed
-across ranks once, after the loop, because ranks may hold different numbers of batches.
+`evaluate()` is the one evaluation loop (the trainer's periodic and final eval, this command, the
+quickstart): counts are summed across ranks once, after the loop, because ranks may hold different
+numbers of batches.
 """
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @torch.no_grad()
-def evaluate(task_or_model: torch.nn.Module, stream, device, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+def evaluate(task_or_model: torch.nn.Module, stream, device, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+             dtype: torch.dtype = torch.float32, autocast=contextlib.nullcontext) -> dict:
     """{"top1", "top5" (fractions in [0, 1], as the trainer logs them), "loss" (mean cross-entropy), "n"}
     over every labelled sample of `stream`
-    (batches of uint8 (B, C, H, W) images and int64 (B,) labels) on all ranks together."""
+    (batches of uint8 (B, C, H, W) images and int64 (B,) labels) on all ranks together; unlabelled samples
+    (label -1) are left out. `dtype`: the model's input dtype; `autocast`: a context factory for the forward
+    (the trainer's precision)."""
     from pretrain.data import normalize
 
     predict = getattr(task_or_model, "predict", task_or_model)
@@ -37,7 +41,8 @@ def evaluate(task_or_model: torch.nn.Module, stream, device, *, mean=IMAGENET_ME
         if not bool(keep.any()):
             continue
         images, labels = images[keep].to(device, non_blocking=True), labels[keep].to(device, non_blocking=True)
-        logits = predict(normalize(images, mean, std)).float()  # (B, K)
+        with autocast():
+            logits = predict(normalize(images, mean, std).to(dtype)).float()  # (B, K)
         k5 = min(5, logits.shape[1])
         top = logits.topk(k5, dim=1).indices  # (B, k5)
         hit = top.eq(labels[:, None])

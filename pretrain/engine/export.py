@@ -96,8 +96,14 @@ def consolidate(run_dir: str, tag: str | None = None) -> tuple[dict[str, torch.T
     """The full fp32 module state dict of a run's checkpoint (any ZeRO stage, any world size), and its tag."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from pretrain.engine.checkpoint import check_torch_files
+
     tag = resolve_tag(run_dir, tag)
     with _local_dir(f"{run_dir.rstrip('/')}/checkpoints/{tag}") as ck:
+        try:
+            check_torch_files(ck)  # zero_to_fp32 and the read below unpickle with weights_only=False
+        except UserError as e:
+            raise UserError(f"unreadable checkpoint {run_dir}/checkpoints/{tag}: {e}") from None
         has_zero = any(name.endswith("_optim_states.pt") and name.startswith(("zero_", "bf16_zero_"))
                        for name in os.listdir(ck))
         try:
@@ -112,7 +118,7 @@ def consolidate(run_dir: str, tag: str | None = None) -> tuple[dict[str, torch.T
                 # everything at stage 0, and frozen parameters (MAE's sin-cos positions) at stages 0-1,
                 # where DeepSpeed records no frozen-parameter fragments. The fp32 master weights win.
                 # DeepSpeed pickles its own metadata in this file, so weights_only=True cannot read it
-                # (zero_to_fp32 reads it the same way); it is our own run's file.
+                # (zero_to_fp32 reads it the same way); check_torch_files found it calls nothing else.
                 blob = torch.load(whole, map_location="cpu", weights_only=False)
                 for k, v in (blob.get("module") or {}).items():
                     if k not in sd:
@@ -218,6 +224,10 @@ def load_exported(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     except FileNotFoundError:
         raise UserError(f"weights file not found: {weights!r}") from None
     except Exception as e:  # safetensors raises its own error type for a corrupt header
+        if _is_pickle(weights):
+            raise UserError(f"{weights} is a PyTorch pickle (.pt/.pth), not safetensors: vit-pretrain reads weights "
+                            "only from safetensors, which cannot run code on load; export with `vit-pretrain "
+                            "export`, or convert a state dict you trust with safetensors.torch.save_file") from None
         raise UserError(f"{weights}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     try:
         meta = read_json(meta_path(weights))
@@ -225,6 +235,16 @@ def load_exported(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise UserError(f"{meta_path(weights)} not found: export writes it next to the weights; "
                         "keep the two together") from None
     return state, meta
+
+
+def _is_pickle(path: str) -> bool:
+    """Whether a file starts like torch.save's output: a zip archive, or a bare pickle (protocol 2+)."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) == 4 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def build_timm(meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None):

@@ -23,7 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from pretrain import dist as pdist
 from pretrain import rng
-from pretrain.config import Config, load_config, to_yaml
+from pretrain.config import Config, load_config, split_config_args, to_yaml
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.ds import initialize, resolve_device, resolve_precision
 from pretrain.engine.metrics import MetricsLogger, peak_flops
@@ -35,7 +35,9 @@ from pretrain.tasks import build_task
 EXIT_NONFINITE = 1
 FAULT_ENV = "VIT_PRETRAIN_FAULT"
 """Fault injection for the chaos tests (tests/chaos): `RANK:STEP:WHERE` makes rank RANK raise at optimizer
-step STEP, in the step (`step`), in evaluation (`eval`) or in the checkpoint write (`save`). Unset in real runs."""
+step STEP, in the step (`step`), in evaluation (`eval`) or in the checkpoint write (`save`), or makes its
+loss NaN in that step (`nan`). STEP may be a range, `3-5`, or open, `3-`; several faults are joined with
+commas. Unset in real runs."""
 
 
 class NonFiniteError(RuntimeError):
@@ -49,35 +51,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @record  # under torchrun the failing rank's traceback is what the launcher reports (torchtitan does the same)
 def run(args: argparse.Namespace) -> int:
-    from pretrain.cli import split_config_args
-
     config, overrides = split_config_args(args.config, args.overrides)
     cfg = load_config(config, overrides)
-    try:
-        result = train(cfg)
-    except NonFiniteError as e:
-        pdist.abort(e)
-        print(f"vit-pretrain train: stopped: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except BaseException as e:
-        if not pdist.abort(e):  # says which rank failed and ends the peers now, before any other cleanup
-            return EXIT_PEER_FAILED  # a consequence of a peer's failure: no traceback of its own
-        raise
-    pdist.teardown()
+    # the handlers stay until the process has left (never restored): a second TERM during the checkpoint
+    # write, the teardown or the interpreter's exit is answered like the first (by the flag), never by the
+    # default action, which would turn exit 75 into death by signal. SIGKILL still ends a stuck process.
+    with _stop_signals(restore=False) as stop:
+        try:
+            result = train(cfg, stop)
+        except NonFiniteError as e:
+            pdist.abort(e)
+            print(f"vit-pretrain train: stopped: {e}", file=sys.stderr)
+            return EXIT_NONFINITE
+        except BaseException as e:
+            if not pdist.abort(e):  # says which rank failed and ends the peers now, before any other cleanup
+                return EXIT_PEER_FAILED  # a consequence of a peer's failure: no traceback of its own
+            raise
+        pdist.teardown()
     return EXIT_REQUEUE if result.get("stopped_early") else 0
 
 
-def train(cfg: Config) -> dict:
-    """Train from `cfg`; -> final metrics plus `run_dir`, `step`, `stopped_early`."""
+def train(cfg: Config, stop: threading.Event | None = None) -> dict:
+    """Train from `cfg`; -> final metrics plus `run_dir`, `step`, `stopped_early`. `stop`: a flag the
+    caller's signal handlers set (default: SIGTERM/SIGUSR1 handlers for the duration of the call)."""
     env = pdist.setup()
+    if stop is not None:
+        return Trainer(cfg, env, stop).fit()
     with _stop_signals() as stop:
         return Trainer(cfg, env, stop).fit()
 
 
 @contextlib.contextmanager
-def _stop_signals():
+def _stop_signals(restore: bool = True):
     """SIGTERM / SIGUSR1 (SLURM's pre-emption warning) set a flag; the loop finishes its step,
-    checkpoints and returns. Handlers are restored afterwards (and only installed on the main thread)."""
+    checkpoints and returns. Further signals only set the flag again (the handler does nothing else:
+    no I/O that a signal could re-enter). Handlers are restored afterwards when `restore` (only
+    installed on the main thread)."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -88,14 +97,26 @@ def _stop_signals():
     try:
         yield flag
     finally:
-        for s, h in previous.items():
+        for s, h in previous.items() if restore else ():
             signal.signal(s, h)
 
 
+def _fault_due(rank: int, step: int, where: str) -> str | None:
+    """The fault of $VIT_PRETRAIN_FAULT naming this rank, step and place, or None (see FAULT_ENV)."""
+    for spec in os.environ.get(FAULT_ENV, "").split(","):
+        parts = spec.strip().split(":")
+        if len(parts) != 3 or parts[0] != str(rank) or parts[2] != where:
+            continue
+        lo, dash, hi = parts[1].partition("-")
+        if int(lo) == step or (dash and int(lo) <= step and (not hi or step <= int(hi))):
+            return spec.strip()
+    return None
+
+
 def _fault(rank: int, step: int, where: str) -> None:
-    """Raise when $VIT_PRETRAIN_FAULT names this rank, step and place (see FAULT_ENV)."""
-    spec = os.environ.get(FAULT_ENV)
-    if spec == f"{rank}:{step}:{where}":
+    """Raise when $VIT_PRETRAIN_FAULT names this rank, step and place."""
+    spec = _fault_due(rank, step, where)
+    if spec:
         raise RuntimeError(f"injected fault ({FAULT_ENV}={spec})")
 
 
@@ -117,6 +138,7 @@ class Trainer:
         self.ckpt_dir = f"{self.run_dir}/checkpoints"
 
         self.stream = stream if stream is not None else build_train_stream(cfg, self.rank, self.world)
+        self._check_eval_urls()
         if cfg.task.kind == "mae":
             self.num_classes = 0
         else:
@@ -168,6 +190,21 @@ class Trainer:
         self.max_bad = cfg.optim.max_nonfinite_steps + (32 if self.precision.name == "fp16" else 0)
 
     # ------------------------------------------------------------------ set-up helpers
+    def _check_eval_urls(self) -> None:
+        """Evaluation's shards resolve now (a local index or a listing), not at the first evaluation hours in."""
+        from pretrain.data.index import read_index
+
+        e = self.cfg.eval
+        urls = {"data.val_urls": self.cfg.data.val_urls}
+        if e.knn_every_steps:
+            urls.update({"eval.knn_train_urls": e.knn_train_urls, "eval.knn_val_urls": e.knn_val_urls})
+        for key, value in urls.items():
+            if value:
+                try:
+                    read_index(value)
+                except UserError as err:
+                    raise UserError(f"config key {key}: {err}") from None
+
     def _write_run_files(self) -> None:
         fs, root = fsspec.core.url_to_fs(self.run_dir)
         fs.makedirs(root, exist_ok=True)
@@ -322,7 +359,8 @@ class Trainer:
         lr = self.schedule(self.samples_seen, self.effective_batch)
         for g in engine.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        step_loss = None
+        step_loss, loss_sum = None, 0.0
+        nan_fault = _fault_due(self.rank, self.step + 1, "nan")
         for micro in range(accum):
             t0 = time.perf_counter()
             images, labels, weight, real = next(self._batch_iter)
@@ -341,6 +379,9 @@ class Trainer:
                 # batch's real samples; weigh it so that the step averages over every rank's real samples
                 n = float(images.shape[0]) if weight is None else float(weight.sum())
                 loss = loss * (n * self.world * accum / real)
+            if nan_fault:
+                loss = loss * float("nan")
+            loss_sum = loss_sum + loss.detach()  # on the device; read only if the step is skipped
             engine.backward(loss)
             engine.step()
             step_loss = metrics if step_loss is None else {k: step_loss[k] + v for k, v in metrics.items()}
@@ -354,8 +395,14 @@ class Trainer:
             window.skipped += 1
             self.skipped_total += 1
             self.skipped_run += 1
+            self._last_skip = self._why_skipped(loss_sum)
             if self.skipped_run >= self.max_bad:
                 self._nonfinite_stop()
+            overflow = self.precision.name == "fp16" and "non-finite loss" not in self._last_skip
+            if self.rank == 0 and not overflow:  # fp16's loss scaler overflows by design while it finds its scale
+                print(f"vit-pretrain: warning: step {self.step} skipped (no update): {self._last_skip}; "
+                      f"{self.skipped_run} in a row, the run stops at {self.max_bad} "
+                      "(optim.max_nonfinite_steps)", file=sys.stderr, flush=True)
         window.steps += 1
         self.log.advance()
         if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps:
@@ -375,12 +422,27 @@ class Trainer:
             self._save()
         return False
 
+    def _why_skipped(self, loss_sum) -> str:
+        """Which value was not finite in a skipped step: each rank's loss, else the gradient norm. The skip
+        is the same on every rank (the norm is global), so this collective runs on every rank or none."""
+        mine = torch.tensor([float(loss_sum)], dtype=torch.float64)  # host read: skipped steps only
+        losses = [mine]
+        if self.world > 1:
+            losses = [torch.zeros_like(mine) for _ in range(self.world)]
+            dist.all_gather(losses, mine, group=self.flag_group)
+        bad = [f"rank {r} ({v.item()})" for r, v in enumerate(losses) if not math.isfinite(v.item())]
+        if bad:
+            return "non-finite loss on " + ", ".join(bad)
+        gn = self.engine.get_global_grad_norm()
+        return f"non-finite gradient norm ({float(gn) if gn is not None else 'unknown'}), losses finite on every rank"
+
     def _nonfinite_stop(self):
         last = f"{self.ckpt_dir}/{self.last_good_tag}" if self.last_good_tag else "none yet"
         raise NonFiniteError(
             f"{self.skipped_run} consecutive steps with a non-finite loss or gradient norm, the last at step "
-            f"{self.step}; last good checkpoint: {last}. Lower optim.lr_per_256, raise optim.warmup_steps, "
-            "set optim.grad_clip, or try deepspeed.precision=bf16/fp32 (optim.max_nonfinite_steps sets the limit)")
+            f"{self.step}: {self._last_skip}; no update was applied, last good checkpoint: {last}. Lower "
+            "optim.lr_per_256, raise optim.warmup_steps, set optim.grad_clip, or try deepspeed.precision=bf16/fp32 "
+            "(optim.max_nonfinite_steps sets the limit)")
 
     def _log_window(self, window, lr: float) -> dict:
         values = window.read(self.world)  # the one host read of the window's sums (mean over ranks)
@@ -420,30 +482,24 @@ class Trainer:
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
     def _evaluate(self) -> dict | None:
+        """engine/evaluate.py's loop on data.val_urls (unlabelled samples left out), logged as val/*."""
         if not self.cfg.data.val_urls or not hasattr(self.module, "predict"):
             return None
-        from pretrain.data import build_eval_stream, normalize
+        from pretrain.data import build_eval_stream
+        from pretrain.engine.evaluate import evaluate
 
         d = self.cfg.data
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # correct1, correct5, loss_sum, n
-        from pretrain.tasks.supervised import topk_correct
+
+        def batches():
+            for batch in build_eval_stream(d.val_urls, self.cfg, self.rank, self.world):
+                _fault(self.rank, self.step, "eval")
+                yield batch
 
         self.engine.eval()
-        with torch.no_grad(), self._gathered():
-            for images, labels in build_eval_stream(d.val_urls, self.cfg, self.rank, self.world):
-                _fault(self.rank, self.step, "eval")
-                x = normalize(images.to(self.device, non_blocking=True), d.mean, d.std).to(self.precision.input_dtype)
-                y = labels.to(self.device, non_blocking=True)
-                with self._autocast():
-                    logits = self.module.predict(x).float()
-                c1, c5 = topk_correct(logits, y)
-                loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-                sums += torch.stack([c1.double(), c5.double(), loss.double(), torch.tensor(float(len(y)), device=self.device, dtype=torch.float64)])
+        with self._gathered():
+            result = evaluate(self.module, batches(), self.device, mean=d.mean, std=d.std,
+                              dtype=self.precision.input_dtype, autocast=self._autocast)
         self.engine.train()
-        if self.world > 1:
-            dist.all_reduce(sums)
-        c1, c5, loss, n = sums.tolist()
-        result = {"top1": c1 / max(n, 1), "top5": c5 / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
         self.log.scalars(self.step, "val", result)
         return {f"val_{k}": v for k, v in result.items()}
 

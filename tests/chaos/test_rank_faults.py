@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 
 from conftest import REPO, free_port
 from launch_fixtures import base_env
@@ -223,3 +224,29 @@ def test_disk_full_during_a_save_ends_the_job_and_keeps_the_last_checkpoint(shar
                             f"run.out_dir={tmp_path}", "run.name=again", f"checkpoint.resume={copy}/step_00000002",
                             "optim.max_steps=3"], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "at step 2" in again.stderr, again.stderr[-3000:]
+
+
+def test_nan_loss_on_one_rank_is_skipped_then_stops_the_job(shards, tmp_path):
+    """A NaN loss on rank 1 alone: the step is skipped on every rank with a warning naming step, rank and
+    value; a run of `optim.max_nonfinite_steps` such steps ends the job, and no checkpoint holds NaN."""
+    job = Job(tmp_path, shards, "checkpoint.every_steps=2", "checkpoint.keep=5", "optim.max_nonfinite_steps=3",
+              env={"VIT_PRETRAIN_FAULT": "1:3:nan,1:6-:nan"}, launcher="plain")
+    job.wait_step(1)
+    failed = job.wait_line("consecutive steps with a non-finite loss")
+    seconds = job.wait_all(failed)
+    _assert_failed(job, seconds, "warning: step 3 skipped (no update): non-finite loss on rank 1 (nan); 1 in a row",
+                   "warning: step 7 skipped (no update): non-finite loss on rank 1 (nan); 2 in a row",
+                   "3 consecutive steps with a non-finite loss or gradient norm, the last at step 8: "
+                   "non-finite loss on rank 1 (nan); no update was applied, last good checkpoint: ")
+    assert "warning: step 4 skipped" not in job.output and "warning: step 8 skipped" not in job.output
+    ck = job.run_dir / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000006"
+    # the newest checkpoint (written after the skipped step 6) loads: exported, its weights are finite
+    export = subprocess.run([sys.executable, "-m", "pretrain", "export", str(job.run_dir), "--out",
+                             str(tmp_path / "w.safetensors")], cwd=REPO, env=base_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert export.returncode == 0, export.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "w.safetensors")
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
