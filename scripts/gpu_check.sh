@@ -3,6 +3,7 @@
 #   scripts/gpu_check.sh                  # `pytest -m gpu` (tests/test_gpu.py), then `bench gpu`
 #   BENCH_ARGS="--quick" scripts/gpu_check.sh
 #   PARTS=tests scripts/gpu_check.sh      # one part (tests | bench), e.g. to fit a time limit per command
+#   PYTEST_ARGS="-k bf16" PARTS=tests scripts/gpu_check.sh   # a subset of the gpu tests
 # Logs, JSON and summary.md go to $OUT if set, else ./gpu_check_out. On an offline machine the wheels
 # the image lacks (deepspeed, webdataset, pytest, ...; scripts/gpu_wheels.sh puts them in .whl/) are installed
 # into /tmp/site first, and the package runs as `python3 -m pretrain` (../shared/GPU.md).
@@ -33,7 +34,9 @@ tests_rc=0 bench_rc=0
 if [[ " $PARTS " == *" tests "* ]]; then
   "$PY" -c "import pytest" 2>/dev/null || echo "gpu_check: pytest is missing here; run scripts/gpu_wheels.sh on a machine with the registries"
   echo "== pytest -m gpu -> $OUT/gpu_tests.log"
-  "$PY" -m pytest -q -m gpu -rs tests/test_gpu.py --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
+  # shellcheck disable=SC2086  # PYTEST_ARGS is a list of flags (e.g. -k to pick tests)
+  "$PY" -m pytest -v -m gpu -rs --durations=25 --timeout=300 tests/test_gpu.py ${PYTEST_ARGS:-} \
+    --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
   tests_rc=$?
   tail -n 5 "$OUT/gpu_tests.log"
 fi

@@ -266,3 +266,28 @@ def test_deepspeed_bf16_mode_trains_with_pictures_and_knn(shards, tmp_path, path
 
 if __name__ == "__main__":
     stop_worker(sys.argv[1], int(sys.argv[2]), sys.argv[3:])
+
+
+@pytest.mark.parametrize("mode,stage", [("autocast", 0), ("autocast", 2), ("deepspeed", 1)])
+def test_bf16_modes_compute_in_bf16_inside_the_engine(tmp_path, mode, stage):
+    """DeepSpeed's forward turns off an autocast entered outside it unless its `torch_autocast` section
+    enables one: the bf16 modes then ran their linear layers in fp32 inside the engine (6x slower than a
+    plain timm loop on an H100). The encoder's matmuls must produce bf16 (on CUDA when a GPU is there)."""
+    import threading
+
+    from pretrain import dist as pdist
+    from pretrain.bench.step import MemoryStream, bench_config
+    from pretrain.engine.trainer import Trainer
+
+    x, y = torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8), torch.arange(4)
+    cfg = bench_config("vit_nano_patch4_16", 16, 4, stage, "supervised", str(tmp_path),
+                       ["deepspeed.precision=bf16", f"deepspeed.bf16_mode={mode}"])
+    trainer = Trainer(cfg, pdist.setup(), threading.Event(), stream=MemoryStream(x, y, 10))
+    seen = []
+    qkv = trainer.engine.module.encoder.blocks[0].attn.qkv
+    qkv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    trainer.train_steps(1)
+    assert seen == [torch.bfloat16]  # on the CPU an outer autocast survives DeepSpeed's forward; on CUDA only with:
+    assert trainer.engine.torch_autocast_enabled() and trainer.engine.torch_autocast_dtype() == torch.bfloat16
+    assert all(p.dtype == (torch.bfloat16 if mode == "deepspeed" else torch.float32)
+               for p in trainer.engine.module.parameters() if p.numel())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import logging
 import multiprocessing
 import os
@@ -325,7 +326,17 @@ def _reraise_user_errors(loader):
     shut down when the consumer stops early too (not left to the garbage collector)."""
     if loader.num_workers:
         _register_worker_reaper()
-    it = iter(loader)
+        # workers are forked: a CUDA tensor left in the trainer's cyclic garbage and collected in a worker
+        # would free device memory from a process that cannot use CUDA, which aborts the worker (seen on an
+        # H100). Collect it here, and freeze the rest so that workers never collect the trainer's objects.
+        gc.collect()
+        gc.freeze()
+        try:
+            it = iter(loader)
+        finally:
+            gc.unfreeze()
+    else:
+        it = iter(loader)
     try:
         yield from it
     except UserError as e:
