@@ -135,7 +135,9 @@ def _lone_rank(tmp_path, rank: int):
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, str(_script(tmp_path))], env=env, cwd=REPO, capture_output=True,
                          text=True, timeout=120)
-    assert time.monotonic() - t0 < 60  # bounded: an error, not a hang
+    took = time.monotonic() - t0
+    print(f"rank {rank} of 2 alone: exit {out.returncode} after {took:.1f}s: {out.stderr.strip().splitlines()[-1:]}")
+    assert took < 60  # bounded: an error, not a hang
     assert out.returncode != 0
     return port, out
 
