@@ -1,4 +1,4 @@
-"""`vit-pretrain bench loader --quick` through the real CLI: both pipelines run and the JSON is complete."""
+"""`vit-pretrain bench loader --quick` through the real CLI: every pipeline runs and the JSON is complete."""
 import json
 
 import pytest
@@ -15,3 +15,7 @@ def test_bench_loader_quick(cli, tmp_path):
     assert res["ours"] > 0 and res["baseline"] > 0 and res["decode_only_1core"] > 0
     assert abs(res["ratio"] - res["ours"] / res["baseline"]) < 1e-9 and res["met"] == (res["ratio"] >= 1.5)
     assert len(list((tmp_path / "work" / "photos").rglob("*.jpg"))) == 256
+    assert sorted(res["peers"]) == ["timm_wds", "webdataset"] and res["best_peer"] in res["peers"]
+    assert abs(res["ratio_to_best_peer"] - res["ours"] / max(res["peers"].values())) < 1e-9
+    # every pipeline reads the 256 images once per pass, less at most a partial batch per worker
+    assert all(256 - 2 * 16 <= n <= 256 for n in res["images_per_pass"].values()), res["images_per_pass"]

@@ -3,7 +3,8 @@
 Ours: the train stream (supervised transforms: RandomResizedCrop + flip, uint8 batches, normalised
 afterwards in the main process as the trainer does on its device) reading tar shards. Baseline:
 torchvision `ImageFolder` + RandomResizedCrop / flip / ToTensor / Normalize in a DataLoader with the same
-workers, batch and output size. Also a single-core decode-only ceiling (PIL full decode to RGB).
+workers, batch and output size. Peers, uint8 out like ours: webdataset's own pipeline and timm's WebDataset
+reader on the same shards (torchvision v2 crop + flip). Also a single-core decode-only ceiling.
 Images: real photographs that ship in scikit-image, cropped and re-encoded at ImageNet-like sizes
 (500x375 or 375x500, JPEG quality 90).
 """
@@ -98,6 +99,52 @@ def _torchvision(folder: str, args):
     return one_pass
 
 
+def _uint8_augment(size: int):
+    """The peers' augmentation: torchvision v2 RandomResizedCrop + flip on the decoded PIL image, uint8 out
+    (what ours hands over), so every pipeline ends in the same uint8 batch of the same size."""
+    import pretrain._compat  # noqa: F401
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+
+
+def _webdataset(shards: str, args):
+    """webdataset's own pipeline on our shards: shard shuffle, a 256-sample shuffle buffer, PIL decode,
+    the uint8 augmentation, batches collated in the workers (open_clip's loader is built the same way)."""
+    import json
+
+    import webdataset as wds
+
+    names = json.load(open(f"{shards}/train.json"))["shards"]
+    tf = _uint8_augment(args.loader_size)
+    ds = (wds.WebDataset([f"{shards}/{n}" for n in names], shardshuffle=len(names), empty_check=False)
+          .shuffle(256).decode("pil").to_tuple("jpg", "cls").map_tuple(tf, int)
+          .batched(args.loader_batch, partial=False))
+    loader = wds.WebLoader(ds, batch_size=None, num_workers=args.loader_workers)
+
+    def one_pass() -> int:
+        return sum(len(x) for x, _ in loader)
+
+    return one_pass
+
+
+def _timm_wds(shards: str, args):
+    """timm's WebDataset reader (`create_dataset("wds/...")`, reading the `_info.json` our writer leaves)
+    with the same uint8 augmentation, batched by the DataLoader."""
+    import torch
+    from timm.data import create_dataset
+
+    ds = create_dataset("wds/bench", root=shards, split="train", is_training=True, batch_size=args.loader_batch)
+    ds.transform = _uint8_augment(args.loader_size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.loader_batch, num_workers=args.loader_workers,
+                                         drop_last=True)
+
+    def one_pass() -> int:
+        return sum(len(x) for x, _ in loader)
+
+    return one_pass
+
+
 def _decode_ceiling(folder: str, limit: int = 200) -> float:
     """Full-size decodes per second on one core with the decoder the stream uses (no crop, no resize)."""
     from PIL import Image
@@ -135,7 +182,8 @@ def run(args: argparse.Namespace) -> dict:
     from pretrain.bench.timing import interleaved, median
 
     fns = {"ours": _ours(f"{shards}/train.json", args), "baseline": _torchvision(folder, args),
-           "ours_cpu_norm": _ours(f"{shards}/train.json", args, normalize_on_cpu=True)}
+           "ours_cpu_norm": _ours(f"{shards}/train.json", args, normalize_on_cpu=True),
+           "webdataset": _webdataset(shards, args), "timm_wds": _timm_wds(shards, args)}
     counts = {k: fn() for k, fn in fns.items()}  # images per pass (both drop only a partial last batch)
     # each pass includes starting the workers, as every epoch of a real run does
     times = interleaved(fns, rounds=passes, warmup=0)
@@ -145,14 +193,20 @@ def run(args: argparse.Namespace) -> dict:
     if tmp is not None:
         tmp.cleanup()
     ratio = ours / base
+    peers = {"webdataset": rate["webdataset"], "timm_wds": rate["timm_wds"]}
+    best = max(peers, key=peers.get)
     from pretrain.data import transforms as _t
 
     decoder = "simplejpeg" if _t._simplejpeg is not None else "PIL"
     print(f"loader: ours {ours:.1f} img/s ({rate['ours_cpu_norm']:.1f} with normalisation on the CPU), "
-          f"torchvision {base:.1f} img/s, ratio {ratio:.2f}; "
+          f"torchvision {base:.1f} img/s, ratio {ratio:.2f}; peers (uint8 out): webdataset "
+          f"{peers['webdataset']:.1f}, timm wds reader {peers['timm_wds']:.1f} img/s, ours / best peer "
+          f"({best}) {ours / peers[best]:.2f}; "
           f"single-core decode-only ceiling {ceiling:.1f} img/s ({args.loader_workers} workers, "
           f"{args.loader_size}px, {n} JPEGs ~500x375 q90, decoder {decoder})", file=sys.stderr)
     return {"name": "loader", "ours": ours, "baseline": base, "unit": "images/s", "ratio": ratio,
             "goal": 1.5, "met": ratio >= 1.5, "decode_only_1core": ceiling,
+            "peers": peers, "best_peer": best, "images_per_pass": counts, "ratio_to_best_peer": ours / peers[best], "peer_goal": 2.0,
+            "peer_goal_met": ours / peers[best] >= 2.0,
             "ours_with_cpu_normalize": rate["ours_cpu_norm"], "ratio_with_cpu_normalize": rate["ours_cpu_norm"] / base, "workers": args.loader_workers,
             "size": args.loader_size, "images": n, "batch": args.loader_batch, "decoder": decoder}
