@@ -19,3 +19,6 @@ def test_bench_loader_quick(cli, tmp_path):
     assert abs(res["ratio_to_best_peer"] - res["ours"] / max(res["peers"].values())) < 1e-9
     # every pipeline reads the 256 images once per pass, less at most a partial batch per worker
     assert all(256 - 2 * 16 <= n <= 256 for n in res["images_per_pass"].values()), res["images_per_pass"]
+    pipelines = {"ours", "baseline", "webdataset", "timm_wds"}
+    assert set(res["first_batch_s"]) == pipelines and all(0 < t < 60 for t in res["first_batch_s"].values())
+    assert set(res["worker_rss_mib"]) == pipelines and all(v > 10 for v in res["worker_rss_mib"].values())
