@@ -4,13 +4,10 @@ least 75% of the FLOP ratio (ViT-B/16 with the standard 8x512 decoder: about 1.8
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 
-import torch
-
 from pretrain.bench.step import bench_config, build_ours, synthetic_batch
-from pretrain.bench.timing import interleaved, median
+from pretrain.bench.timing import bench_device, device_sync, interleaved, median
 
 GOAL_FRACTION = 0.75
 
@@ -25,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    bench_device()
     num_classes = 10
     batch = 4 if args.quick else args.mae_batch
     with tempfile.TemporaryDirectory() as tmp:
@@ -35,7 +32,7 @@ def run(args: argparse.Namespace) -> dict:
             cfg = bench_config(args.mae_arch, args.mae_img_size, batch, 0, kind, f"{tmp}/{kind}")
             trainers[kind] = build_ours(cfg, images, labels, num_classes)
         device = trainers["mae"].device
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync = device_sync(device)
         n = args.mae_steps
         times = interleaved({k: (lambda t=t: t.train_steps(n)) for k, t in trainers.items()},
                             rounds=2 if args.quick else args.mae_rounds, sync=sync)

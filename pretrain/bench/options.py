@@ -7,11 +7,8 @@ same uint8 batch), so the ratios are the model's own cost, not the engine's.
 from __future__ import annotations
 
 import argparse
-import os
 
-import torch
-
-from pretrain.bench.timing import interleaved, median
+from pretrain.bench.timing import bench_device, device_sync, interleaved, median
 
 # row name -> config overrides; "plain" is every row's baseline
 OPTIONS = {
@@ -42,8 +39,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     from pretrain.bench.step import bench_config, build_baseline, synthetic_batch
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     num_classes, n = 10, args.options_steps
     images, labels = synthetic_batch(args.options_batch, args.options_img_size, num_classes)
     contenders = {}
@@ -53,8 +49,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                extra)
             step = build_baseline(cfg, images, labels, num_classes, device)
             contenders[name] = (lambda s: lambda: [s() for _ in range(n)])(step)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = interleaved(contenders, rounds=2 if args.quick else args.options_rounds, sync=sync)
+    times = interleaved(contenders, rounds=2 if args.quick else args.options_rounds, sync=device_sync(device))
     plain = median(times["plain"]) / n
     setup = f"{args.options_arch} img {args.options_img_size} batch {args.options_batch} {device}, bare step"
     rows = []

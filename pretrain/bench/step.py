@@ -5,11 +5,10 @@ optimizer and precision, both fed the same synthetic uint8 batch from memory. Go
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
-from pretrain.bench.timing import interleaved, median
+from pretrain.bench.timing import bench_device, device_sync, interleaved, median
 
 GOAL = 1.05
 
@@ -112,7 +111,7 @@ def build_baseline(cfg, images, labels, num_classes, device, ddp: bool = False):
 def run(args: argparse.Namespace) -> dict:
     import tempfile
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    bench_device()
     num_classes = 10
     with tempfile.TemporaryDirectory() as tmp:
         cfg = bench_config(args.step_arch, args.step_img_size, args.step_batch, args.step_zero, "supervised", tmp)
@@ -120,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
         trainer = build_ours(cfg, images, labels, num_classes)
         base_step = build_baseline(cfg, images, labels, num_classes, trainer.device)
         n = args.step_steps
-        sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+        sync = device_sync(trainer.device)
         times = interleaved({"ours": lambda: trainer.train_steps(n), "baseline": lambda: [base_step() for _ in range(n)]},
                             rounds=2 if args.quick else args.step_rounds, sync=sync)
         trainer.log.close()

@@ -29,3 +29,21 @@ def interleaved(contenders: dict[str, Callable[[], None]], rounds: int, warmup: 
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def bench_device():
+    """The device benchmarks run on (CUDA when there is one), DeepSpeed told the same through $DS_ACCELERATOR
+    before it is imported."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_sync(device) -> Callable[[], None]:
+    """What waits for `device`'s queued work before a clock is read (nothing to wait for on the CPU)."""
+    import torch
+
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

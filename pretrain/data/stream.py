@@ -152,12 +152,11 @@ class _TrainSlots(IterableDataset):
         lay = layer.layout
         # rotate so that DataLoader worker 0 is the slot whose batch comes next in the round-robin
         w = ((info.id if info else 0) + self.n_start) % lay.workers
-        _, batches, slot = layer.slot(self.rank, w)
+        v0, batches, slot = layer.slot(self.rank, w)
         done = layer.consumed(w, self.n_start)
         segs = layer.slot_segs(self.rank, w)
         b, s = lay.batch_size, lay.shuffle_block
         length, pos, k = batches * b, done * b, done
-        v0 = layer.slot(self.rank, w)[0]
         reader = _Reader(self.shards)
         pending: list = []
         real: list = []  # False for padding (virtual index >= layer.m): decoded, weight 0
@@ -287,7 +286,7 @@ class TrainStream:
             log.warning("epoch %d goes on with another layout: its last %d step(s) are ragged, %d padded samples "
                         "weigh 0 (each remaining sample is learnt from once; docs/data.md)", epoch, steps,
                         sum(full - c for c in short.values()))
-        left = plan.layers[-1].batches_per_rank - cur[1]
+        left = layer.batches_per_rank - cur[1]
         workers = self.cfg.data.workers
         ds = _TrainSlots(plan, self.index.shards, self.rank, cur[1], self.decoder, self.num_classes,
                          self.seed, epoch)

@@ -334,12 +334,15 @@ def check_torch_file(path: str) -> None:
                         "runs, or weights as .safetensors")
 
 
-def check_torch_files(folder: str) -> None:
-    """check_torch_file on each torch file of a local tag folder."""
+def check_torch_files(folder: str, context: str) -> None:
+    """check_torch_file on each torch file of a local tag folder; a refusal says `context` first."""
     if os.path.isdir(folder):
         for name in sorted(os.listdir(folder)):
             if name.endswith(".pt"):
-                check_torch_file(os.path.join(folder, name))
+                try:
+                    check_torch_file(os.path.join(folder, name))
+                except UserError as e:
+                    raise UserError(f"{context}: {e}") from None
 
 
 def _unreadable_file(folder: str) -> str | None:
@@ -357,10 +360,7 @@ def _unreadable_file(folder: str) -> str | None:
 def load(engine, ckpt_dir: str, tag: str) -> dict:
     """Load module, optimizer and our client state into `engine`; returns the client state.
     A failure is a UserError naming the checkpoint, the file when one is unreadable, and the reason."""
-    try:
-        check_torch_files(os.path.join(ckpt_dir, tag))
-    except UserError as e:
-        raise UserError(f"could not load checkpoint {ckpt_dir}/{tag}: {e}") from None
+    check_torch_files(os.path.join(ckpt_dir, tag), f"could not load checkpoint {ckpt_dir}/{tag}")
     try:
         path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True)
     except Exception as e:  # noqa: BLE001  torch.load, pickle and DeepSpeed raise many types for a bad file
@@ -398,10 +398,7 @@ def load_resume(engine, points: list[ResumePoint], fallback: bool, *, rank: int,
         else:
             try:
                 if universal:  # the conversion unpickles the source files: checked first, on every rank
-                    try:
-                        check_torch_files(os.path.join(p.folder, p.tag))
-                    except UserError as e:
-                        raise UserError(f"could not load checkpoint {p.path}: {e}") from None
+                    check_torch_files(os.path.join(p.folder, p.tag), f"could not load checkpoint {p.path}")
                 tag = to_universal(p.folder, p.tag, rank=rank) if universal else p.tag
                 client = load(engine, p.folder, tag)
                 if not client and universal:  # universal output may lack the client state

@@ -100,10 +100,8 @@ def consolidate(run_dir: str, tag: str | None = None) -> tuple[dict[str, torch.T
 
     tag = resolve_tag(run_dir, tag)
     with _local_dir(f"{run_dir.rstrip('/')}/checkpoints/{tag}") as ck:
-        try:
-            check_torch_files(ck)  # zero_to_fp32 and the read below unpickle with weights_only=False
-        except UserError as e:
-            raise UserError(f"unreadable checkpoint {run_dir}/checkpoints/{tag}: {e}") from None
+        # zero_to_fp32 and the read below unpickle with weights_only=False
+        check_torch_files(ck, f"unreadable checkpoint {run_dir}/checkpoints/{tag}")
         has_zero = any(name.endswith("_optim_states.pt") and name.startswith(("zero_", "bf16_zero_"))
                        for name in os.listdir(ck))
         try:

@@ -368,17 +368,16 @@ class Trainer:
             # every draw of this micro-step (Mixup/CutMix, drop path, ...) from a place-keyed state
             rng.seed_all(cfg.run.seed, rng.STEP, self.step * accum + micro, self.rank)
             x, y = self._prepare(images, labels)
-            args = (x, y, self.step * accum + micro)
+            args, mine = (x, y, self.step * accum + micro), len(images)
             if weight is not None:  # padding in a ragged step: the task averages its loss over weight 1
-                weight = weight.to(self.device, non_blocking=True)
-                args += (weight,)
+                mine = float(weight.sum())  # on the host, before the copy: no device sync
+                args += (weight.to(self.device, non_blocking=True),)
             with self._autocast():
                 loss, metrics = engine(*args)
             if real is not None:
                 # a ragged step after a re-layout (see pretrain/data/plan.py): the loss is the mean over this
                 # batch's real samples; weigh it so that the step averages over every rank's real samples
-                n = float(images.shape[0]) if weight is None else float(weight.sum())
-                loss = loss * (n * self.world * accum / real)
+                loss = loss * (mine * self.world * accum / real)
             if nan_fault:
                 loss = loss * float("nan")
             loss_sum = loss_sum + loss.detach()  # on the device; read only if the step is skipped
