@@ -171,6 +171,9 @@ class DataConfig:
     """Data-loader worker processes per rank."""
     shuffle_block: int = 2048
     """Samples shuffled together within a worker's range (bigger mixes better, costs memory)."""
+    shuffle_mb: int = 64
+    """Cap on one worker's block of raw samples in MB: the block shrinks below shuffle_block when the shard
+    index's mean sample size says it would hold more (0 = no cap; shards listed without an index: no cap)."""
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     """RandomResizedCrop area range (MAE uses [0.2, 1.0])."""
     hflip: float = 0.5
@@ -576,6 +579,7 @@ def validate(cfg: Config) -> None:
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be positive")
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     _check(d.shuffle_block > 0, "data.shuffle_block", d.shuffle_block, "must be positive")
+    _check(d.shuffle_mb >= 0, "data.shuffle_mb", d.shuffle_mb, "must be >= 0 (0 = no cap)")
     _check(d.samples_per_epoch >= 0, "data.samples_per_epoch", d.samples_per_epoch, "must be >= 0")
     _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, "data.crop_scale",
            d.crop_scale, "must be [lo, hi] with 0 < lo <= hi <= 1")

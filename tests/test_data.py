@@ -413,3 +413,56 @@ def test_relayout_chains_learn_each_sample_exactly_once(shards, chain, mode):
         assert mode == "resampled" or len(set(expected)) == len(expected)
         state = {**state, "epoch": epoch + 1, "layers": []}
     assert any(RAGGED)  # the chain did leave ragged steps (the weights were exercised)
+
+
+def test_workers_persist_across_epochs_and_serve_each_epoch(shards):
+    """Workers are forked once and serve every epoch: the same worker processes read epoch 0 and epoch 2, and
+    epoch 2 is the epoch a fresh stream starting there gets (the shared epoch reaches the workers)."""
+    import multiprocessing
+
+    stream = build_train_stream(make_cfg(shards), 0, 1)
+    pids, epochs = [], []
+    for epoch in range(3):
+        it = stream.iter_epoch(epoch)
+        epochs.append([next(it)[1].tolist()])
+        pids.append(sorted(p.pid for p in multiprocessing.active_children()))
+        epochs[-1] += [y.tolist() for _, y in it]
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
+    assert epochs[0] != epochs[2]
+    fresh = build_train_stream(make_cfg(shards), 0, 1)
+    fresh.load_state_dict({**stream.state_dict(), "epoch": 2, "layers": []})
+    assert labels_of(fresh, 2) == epochs[2]
+    stream.close()
+    assert not [p for p in multiprocessing.active_children() if p.pid in pids[0]]
+
+
+def test_first_batch_reads_one_batch_not_a_block(shards, monkeypatch):
+    """With a shuffle block far larger than a batch, the first batch of an epoch is decoded after reading one
+    batch of samples (the blocks ramp up from one batch)."""
+    from pretrain.data import stream as stream_mod
+
+    reads = []
+    get = stream_mod._Reader.get
+    monkeypatch.setattr(stream_mod._Reader, "get", lambda self, shard, i: reads.append(i) or get(self, shard, i))
+    stream = build_train_stream(make_cfg(shards, **{"data.workers": 0, "data.shuffle_block": 64}), 0, 1)
+    it = stream.iter_epoch(0)
+    next(it)
+    assert len(reads) == 4
+    rest = [y.tolist() for _, y in it]
+    assert len(reads) == 4 * (1 + len(rest))  # every sample read once
+
+
+def test_shuffle_block_capped_in_bytes_by_the_index(tmp_path):
+    """`vit-pretrain shards` records each shard's bytes; data.shuffle_mb lowers the block so that its raw
+    samples fit, and 0 lifts the cap."""
+    from pretrain.data.writer import write_shards as write
+
+    got = write("synthetic:120", str(tmp_path), samples_per_shard=40)
+    idx = read_index(f"{tmp_path}/train.json")
+    assert idx.sizes == [os.path.getsize(s) for s in idx.shards]
+    mean = sum(idx.sizes) / sum(idx.counts)
+    urls = got["splits"]["train"]["index"]
+    capped = build_train_stream(make_cfg(urls, **{"data.shuffle_block": 4096, "data.shuffle_mb": 1}), 0, 1)
+    assert capped.layout.shuffle_block == int(2**20 // mean) < 4096
+    free = build_train_stream(make_cfg(urls, **{"data.shuffle_block": 4096, "data.shuffle_mb": 0}), 0, 1)
+    assert free.layout.shuffle_block == 4096

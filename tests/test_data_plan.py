@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pretrain.data.plan import EpochPlan, Layout, seg_points
+from pretrain.data.plan import EpochPlan, Layout, block_starts, seg_points
 
 
 def worker_positions(layer, rank, worker):
@@ -32,14 +32,15 @@ def handed_out(layer, n):
 @pytest.mark.parametrize("trial", range(60))
 def test_relayouts_learn_every_sample_exactly_once(trial):
     """Random chains of re-layouts (ranks 1-8, workers 1-4, micro-batch 1-5, accumulation 1-3, shuffle block,
-    resampled or not), each cut at a random optimizer step: the real samples handed out over the chain are
+    block ramp, resampled or not), each cut at a random optimizer step: the real samples handed out over the chain are
     the epoch's kept samples, each exactly once; every rank gets the same whole steps; the plan's per-batch
     real counts (what the trainer averages a ragged step over) match what was handed out."""
     rng = np.random.default_rng(trial)
     counts = list(rng.integers(1, 40, size=rng.integers(1, 8)))
     resampled = int(rng.integers(20, 200)) if trial % 4 == 3 else 0
     history = [(Layout(int(rng.integers(1, 9)), int(rng.integers(1, 5)), int(rng.integers(1, 6)),
-                       int(rng.integers(1, 9)), int(rng.integers(1, 4))), 0) for _ in range(int(rng.integers(1, 5)))]
+                       int(rng.integers(1, 9)), int(rng.integers(1, 4)), bool(rng.integers(0, 4))), 0)
+               for _ in range(int(rng.integers(1, 5)))]  # ramp off in 1 of 4: states saved before it existed
     seen = []
     for i in range(len(history)):
         plan = EpochPlan(counts, seed=trial, epoch=3, history=history[:i + 1], resampled_samples=resampled)
@@ -77,3 +78,14 @@ def test_resampled_window():
     assert p.n == 50 and p.layers[0].batches_per_rank == 25
     sh, idx = p.locate(np.arange(50))
     assert all(0 <= i < (5, 3)[s] for s, i in zip(sh.tolist(), idx.tolist()))
+
+
+def test_blocks_grow_from_one_batch_to_the_shuffle_block():
+    """A worker's first batch needs one batch of samples read; blocks double up to the shuffle block and
+    tile the slot exactly (without the ramp: whole blocks, as states saved before it had)."""
+    starts = block_starts(1000, 8, 100)
+    assert list(np.diff(starts)) == [8, 16, 32, 64] + [100] * 8 + [80]
+    assert starts[0] == 0 and starts[-1] == 1000
+    assert list(np.diff(block_starts(250, 8, 100, ramp=False))) == [100, 100, 50]
+    assert list(np.diff(block_starts(20, 64, 16))) == [16, 4]  # a block smaller than a batch never grows past it
+    assert len(block_starts(0, 8, 100)) == 1

@@ -48,6 +48,9 @@ class MemoryStream:
     def bad_counts(self) -> dict:
         return {}
 
+    def close(self) -> None:
+        pass
+
 
 def synthetic_batch(batch: int, img_size: int, num_classes: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)

@@ -37,6 +37,8 @@ class ShardIndex:
     shards: list[str]
     counts: Optional[list[int]] = None
     classes: list[str] = field(default_factory=list)
+    sizes: Optional[list[int]] = None
+    """Bytes per shard, when the index records them (what bounds a shuffle block in bytes)."""
 
     @property
     def num_samples(self) -> Optional[int]:
@@ -92,8 +94,11 @@ def _load_json_index(url: str) -> ShardIndex:
     counts = meta.get("counts")
     if counts is not None and len(counts) != len(shards):
         raise UserError(f"shard index {url!r}: {len(counts)} counts for {len(shards)} shards")
+    sizes = meta.get("bytes")
+    if sizes is not None and len(sizes) != len(shards):
+        raise UserError(f"shard index {url!r}: {len(sizes)} byte sizes for {len(shards)} shards")
     return ShardIndex(shards, [int(c) for c in counts] if counts is not None else None,
-                      [str(c) for c in meta.get("classes", [])])
+                      [str(c) for c in meta.get("classes", [])], [int(b) for b in sizes] if sizes is not None else None)
 
 
 def _is_local(url: str) -> bool:

@@ -8,7 +8,9 @@ A *layer* splits a sequence of positions (a list of segments) over R ranks x W w
 Every rank gets the same number of whole batches; within a rank, worker w takes a contiguous run of
 batches, and the DataLoader hands batches out round-robin (batch j comes from worker j mod W), so
 after n batches on a rank each worker's consumption is known: n // W + (w < n % W) batches.
-Within a slot, blocks of S samples are permuted with an RNG seeded by (seed, epoch, layer, slot, block).
+Within a slot, blocks of samples are permuted with an RNG seeded by (seed, epoch, layer, slot, block). The
+blocks grow from one batch, doubling up to S (`block_starts`), so a worker's first batch needs one batch of
+samples read, not S (webdataset's shuffle buffer starts small for the same reason).
 
 An optimizer step takes A micro-batches (gradient accumulation), so an epoch holds whole steps: the first
 layer has a multiple of A batches per rank and drops the < R*B*A tail. Resuming with another world size,
@@ -35,9 +37,21 @@ class Layout:
     batch_size: int
     shuffle_block: int
     accum: int = 1
+    ramp: bool = True  # blocks grow from one batch (False: states saved before the ramp existed)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def block_starts(length: int, batch: int, block: int, ramp: bool = True) -> np.ndarray:
+    """Where each shuffle block of a slot's `length` samples starts, then `length`: blocks of
+    batch, 2*batch, 4*batch, ... samples up to `block`, then `block` each (all `block` without ramp)."""
+    sizes, total, size = [], 0, min(batch, block) if ramp else block
+    while total < length:
+        sizes.append(min(size, length - total))
+        total += sizes[-1]
+        size = min(2 * size, block)
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
 def _seg_starts(segs: np.ndarray) -> np.ndarray:
@@ -109,12 +123,17 @@ class Layer:
         v0, batches, _ = self.slot(rank, worker)
         return seg_slice(self.seq, v0, v0 + batches * self.layout.batch_size)
 
+    def blocks(self, batches: int) -> np.ndarray:
+        """`block_starts` of a slot holding `batches` batches."""
+        lay = self.layout
+        return block_starts(batches * lay.batch_size, lay.batch_size, lay.shuffle_block, lay.ramp)
+
     def slot_order(self, rank: int, worker: int) -> Iterator[tuple[int, np.ndarray]]:
         """(block, slot-relative indices in the order the slot yields them) for each block of a slot."""
         _, batches, slot = self.slot(rank, worker)
-        length, s = batches * self.layout.batch_size, self.layout.shuffle_block
-        for j in range(-(-length // s)):
-            yield j, self.block_perm(slot, j, min(s, length - j * s)) + j * s
+        starts = self.blocks(batches)
+        for j in range(len(starts) - 1):
+            yield j, self.block_perm(slot, j, int(starts[j + 1] - starts[j])) + starts[j]
 
     def short_batches(self) -> dict[int, int]:
         """{rank batch index: real samples in it summed over ranks} for the batches that hold padding (virtual
@@ -144,7 +163,7 @@ class Layer:
 
     def remaining(self, n: int) -> np.ndarray:
         """Positions not yet handed out after every rank handed out n batches (padding excluded)."""
-        b, s = self.layout.batch_size, self.layout.shuffle_block
+        b = self.layout.batch_size
         out = []
         for r in range(self.layout.world_size):
             for w in range(self.layout.workers):
@@ -152,13 +171,14 @@ class Layer:
                 length, done = batches * b, self.consumed(w, n) * b
                 if done >= length:
                     continue
-                j, k = divmod(done, s)
-                block_len = min(s, length - j * s)
-                left = np.sort(self.block_perm(slot, j, block_len)[k:]) + j * s + v0  # virtual indices
+                starts = self.blocks(batches)
+                j = int(np.searchsorted(starts, done, "right") - 1)
+                start, stop = int(starts[j]), int(starts[j + 1])
+                left = np.sort(self.block_perm(slot, j, stop - start)[done - start:]) + start + v0  # virtual indices
                 left = left[left < self.m]
                 if len(left):
                     out.append(points_to_segs(seg_points(self.seq, left)))
-                tail0, tail1 = v0 + j * s + block_len, min(v0 + length, self.m)
+                tail0, tail1 = v0 + stop, min(v0 + length, self.m)
                 if tail1 > tail0:
                     out.append(seg_slice(self.seq, tail0, tail1))
         return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
@@ -169,6 +189,7 @@ class EpochPlan:
 
     def __init__(self, counts: list[int], seed: int, epoch: int, history: list[tuple[Layout, int]],
                  resampled_samples: int = 0):
+        self.epoch = epoch
         rng = np.random.default_rng([seed, epoch, 7])
         counts_a = np.asarray(counts, dtype=np.int64)
         if resampled_samples:

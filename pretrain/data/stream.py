@@ -139,23 +139,32 @@ def _end_workers_at_exit() -> None:
 
 
 class _TrainSlots(IterableDataset):
-    """One rank's worker slots for one epoch layer, starting after `n_start` batches of that layer."""
+    """One rank's worker slots for one epoch layer, starting after `n_start` batches of that layer.
 
-    def __init__(self, plan: EpochPlan, shards: list[str], rank: int, n_start: int, decoder: Decoder,
-                 num_classes: int, seed: int, epoch: int):
-        self.plan, self.shards, self.rank, self.n_start = plan, shards, rank, n_start
-        self.decoder, self.num_classes, self.seed, self.epoch = decoder, num_classes, seed, epoch
+    Given no plan, it serves whole epochs of the stream's own layout: each iteration reads the epoch
+    from `epoch`, a tensor in shared memory the trainer sets before iterating, so persistent workers
+    serve every epoch without being forked again."""
+
+    def __init__(self, stream: "TrainStream", plan: Optional[EpochPlan] = None, n_start: int = 0):
+        self.counts, self.seed, self.layout = stream.counts, stream.seed, stream.layout
+        self.resampled_samples = stream.num_samples if stream.resampled else 0
+        self.shards, self.rank = stream.index.shards, stream.rank
+        self.decoder, self.num_classes = stream.decoder, stream.num_classes
+        self.plan, self.n_start = plan, n_start
+        self.epoch = torch.tensor(plan.epoch if plan else 0, dtype=torch.int64).share_memory_()
 
     def __iter__(self):
         info = get_worker_info()
-        layer = self.plan.layers[-1]
+        epoch = int(self.epoch)
+        plan = self.plan or EpochPlan(self.counts, self.seed, epoch, [(self.layout, 0)], self.resampled_samples)
+        layer = plan.layers[-1]
         lay = layer.layout
         # rotate so that DataLoader worker 0 is the slot whose batch comes next in the round-robin
         w = ((info.id if info else 0) + self.n_start) % lay.workers
         v0, batches, slot = layer.slot(self.rank, w)
         done = layer.consumed(w, self.n_start)
         segs = layer.slot_segs(self.rank, w)
-        b, s = lay.batch_size, lay.shuffle_block
+        b, starts = lay.batch_size, layer.blocks(batches)
         length, pos, k = batches * b, done * b, done
         reader = _Reader(self.shards)
         pending: list = []
@@ -163,25 +172,25 @@ class _TrainSlots(IterableDataset):
         last_good = None
         try:
             while pos < length:
-                j, skip = divmod(pos, s)
-                block_len = min(s, length - j * s)
-                perm = layer.block_perm(slot, j, block_len)[skip:]  # the block's yielded part is skipped unread
+                j = int(np.searchsorted(starts, pos, "right") - 1)
+                start, stop = int(starts[j]), int(starts[j + 1])
+                perm = layer.block_perm(slot, j, stop - start)[pos - start:]  # the yielded part is skipped unread
                 need = np.sort(perm)
-                shard, intra = self.plan.locate(seg_points(segs, need + j * s))
+                shard, intra = plan.locate(seg_points(segs, need + start))
                 got = {int(v): reader.get(int(sh), int(i)) for v, sh, i in zip(need, shard, intra)}
                 for v in perm:
                     pending.append(got.pop(int(v)))
-                    real.append(v0 + j * s + v < layer.m)
+                    real.append(v0 + start + v < layer.m)
                     if len(pending) == b:
-                        out, last_good = self._batch(pending, real, layer.index, slot, k, last_good)
+                        out, last_good = self._batch(pending, real, layer.index, slot, epoch, k, last_good)
                         yield out
                         pending, real, k = [], [], k + 1
-                pos = j * s + block_len
+                pos = stop
         finally:
             reader.close()
 
-    def _batch(self, entries: list, real: list, layer: int, slot: int, k: int, last_good):
-        rng = _seed_batch(self.seed, self.epoch, layer, slot, k)
+    def _batch(self, entries: list, real: list, layer: int, slot: int, epoch: int, k: int, last_good):
+        rng = _seed_batch(self.seed, epoch, layer, slot, k)
         bad: Counter = Counter()
         done = [_decode_one(e, self.decoder, self.num_classes, bad) for e in entries]
         good = [d for d in done if d is not None]
@@ -214,7 +223,7 @@ class TrainStream:
         self.resampled = d.mode == "resampled"
         total = sum(self.counts)
         self.num_samples = (d.samples_per_epoch or total) if self.resampled else total
-        self.layout = Layout(world_size, max(1, d.workers), d.batch_size, d.shuffle_block, cfg.optim.accum_steps)
+        self.layout = Layout(world_size, max(1, d.workers), d.batch_size, self._shuffle_block(), cfg.optim.accum_steps)
         self.batches_per_epoch = self.num_samples // (world_size * d.batch_size * self.layout.accum) * self.layout.accum
         if self.batches_per_epoch == 0:
             raise UserError(f"{self.num_samples} samples per epoch cannot fill one batch of {d.batch_size} on "
@@ -226,6 +235,16 @@ class TrainStream:
         self._history: list[list] = []  # [[Layout, batches handed out], ...] of the current epoch
         self._bad: Counter = Counter()
         self._read = 0
+        self._persistent: Optional[DataLoader] = None
+
+    def _shuffle_block(self) -> int:
+        """data.shuffle_block, lowered so that a block's raw samples fit in data.shuffle_mb by the index's mean
+        sample size (the same on every rank: all read one index); at least one batch."""
+        d = self.cfg.data
+        if not d.shuffle_mb or not self.index.sizes:
+            return d.shuffle_block
+        mean = sum(self.index.sizes) / max(1, sum(self.counts))
+        return max(min(d.batch_size, d.shuffle_block), min(d.shuffle_block, int(d.shuffle_mb * 2**20 // mean)))
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -242,7 +261,7 @@ class TrainStream:
                                 "resume with the same shards, seed and data.mode (or start a new run)")
         self._epoch = int(d["epoch"])
         self._history = [[Layout(l["world_size"], l["workers"], l["batch_size"], l["shuffle_block"],
-                                 l.get("accum", 1)), int(l["batches"])] for l in d["layers"]]
+                                 l.get("accum", 1), l.get("ramp", False)), int(l["batches"])] for l in d["layers"]]
 
     def bad_counts(self) -> dict[str, int]:
         return dict(self._bad)
@@ -287,27 +306,49 @@ class TrainStream:
                         "weigh 0 (each remaining sample is learnt from once; docs/data.md)", epoch, steps,
                         sum(full - c for c in short.values()))
         left = layer.batches_per_rank - cur[1]
-        workers = self.cfg.data.workers
-        ds = _TrainSlots(plan, self.index.shards, self.rank, cur[1], self.decoder, self.num_classes,
-                         self.seed, epoch)
-        loader = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                            worker_init_fn=_worker_init if workers else None,
-                            prefetch_factor=2 if workers else None,
-                            generator=generator(self.seed, epoch, self.rank))  # not the global generator
+        # a whole epoch of the stream's own layout goes to the persistent workers; the rest of an interrupted
+        # or re-laid-out epoch to workers of its own
+        persistent = self.cfg.data.workers > 0 and len(plan.layers) == 1 and cur[1] == 0
+        loader = self._loader(plan) if persistent else self._make_loader(_TrainSlots(self, plan, cur[1]))
         got = 0
-        for x, y, bad, weight in _reraise_user_errors(loader):
-            n = cur[1]
-            first = n - n % accum  # a layer starts at a step boundary, so its steps are [first, first + accum)
-            real = None
-            if any(i in short for i in range(first, first + accum)):
-                real = sum(short.get(i, full) for i in range(first, first + accum))
-            cur[1] += 1
-            got += 1
-            self._account(bad, len(y))
-            yield x, y, weight, real
+        try:
+            for x, y, bad, weight in _reraise_user_errors(loader, keep=persistent):
+                n = cur[1]
+                first = n - n % accum  # a layer starts at a step boundary, so its steps are [first, first + accum)
+                real = None
+                if any(i in short for i in range(first, first + accum)):
+                    real = sum(short.get(i, full) for i in range(first, first + accum))
+                cur[1] += 1
+                got += 1
+                self._account(bad, len(y))
+                yield x, y, weight, real
+        finally:
+            if persistent and got < left:  # stopped early: its workers were shut down
+                self._persistent = None
         if got != left:
             raise RuntimeError(f"epoch {epoch}: expected {left} batches on rank {self.rank}, got {got}")
         self._epoch, self._history = epoch + 1, []
+
+    def _make_loader(self, ds: "_TrainSlots", persistent: bool = False) -> DataLoader:
+        workers = self.cfg.data.workers
+        return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=_worker_init if workers else None, persistent_workers=persistent,
+                          prefetch_factor=2 if workers else None,
+                          generator=generator(self.seed, ds.epoch.item(), self.rank))  # not the global generator
+
+    def _loader(self, plan: EpochPlan) -> DataLoader:
+        """The persistent workers' loader, set to serve `plan`'s epoch (workers forked on first use)."""
+        if self._persistent is None:
+            self._persistent = self._make_loader(_TrainSlots(self), persistent=True)
+        self._persistent.dataset.epoch.fill_(plan.epoch)
+        return self._persistent
+
+    def close(self) -> None:
+        """End the persistent workers (they also end with the process)."""
+        loader, self._persistent = self._persistent, None
+        it = getattr(loader, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()
 
     def _account(self, bad: dict, n: int) -> None:
         self._bad.update(bad)
@@ -320,9 +361,10 @@ class TrainStream:
                             f"data.max_bad_fraction={limit}; fix the shards or raise the limit")
 
 
-def _reraise_user_errors(loader):
+def _reraise_user_errors(loader, keep: bool = False):
     """A UserError raised in a worker arrives wrapped with a traceback: re-raise it as one line. Workers are
-    shut down when the consumer stops early too (not left to the garbage collector)."""
+    shut down when the consumer stops early too (not left to the garbage collector), and at the end unless
+    `keep` (a persistent loader's workers wait for its next iteration)."""
     if loader.num_workers:
         _register_worker_reaper()
         # workers are forked: a CUDA tensor left in the trainer's cyclic garbage and collected in a worker
@@ -336,14 +378,17 @@ def _reraise_user_errors(loader):
             gc.unfreeze()
     else:
         it = iter(loader)
+    finished = False
     try:
         yield from it
+        finished = True
     except UserError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         msg = lines[-1].split("UserError: ", 1)[-1] if lines else str(e)
         raise UserError(msg) from None
     finally:
-        getattr(it, "_shutdown_workers", lambda: None)()
+        if not (keep and finished):
+            getattr(it, "_shutdown_workers", lambda: None)()
 
 
 def count_samples(shards: list[str]) -> list[int]:

@@ -436,6 +436,8 @@ def write_shards(source: str, out_dir: str, *, samples_per_shard: int = 5000, ma
                                samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes,
                                skipped=skipped, progress_s=progress_s)
             n_skipped += got.pop("skipped")
+            sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in fs.ls(root, detail=True)}
+            got["bytes"] = [int(sizes[name]) for name in got["shards"]]  # bounds a shuffle block in bytes
             meta = {"split": split, **got, "classes": classes, "made_by": {**made_by, "skipped": n_skipped}}
             with fs.open(f"{root}/{split}.json", "w") as f:
                 json.dump(meta, f, indent=1)

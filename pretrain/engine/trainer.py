@@ -284,14 +284,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _batches(self):
         """Endless micro-batches from the stream's current position. Each epoch yields a whole number
-        of optimizer steps (a tail smaller than one step is left unread; the stream drops it)."""
-        accum = self.cfg.optim.accum_steps
+        of optimizer steps (the stream plans whole steps per epoch)."""
         while True:
-            left = self.stream.remaining_batches(self.epoch) // accum * accum
-            it = iter(self.stream.iter_epoch_weighted(self.epoch))
-            for _ in range(left):
-                yield next(it)
-            it.close()
+            yield from self.stream.iter_epoch_weighted(self.epoch)
             self.epoch += 1
 
     def _prepare(self, images: torch.Tensor, labels: torch.Tensor):
@@ -333,6 +328,7 @@ class Trainer:
             if self._iteration():
                 stopped_early = True
                 break
+        self.stream.close()
         if not stopped_early:
             if self.last_good_tag != ckpt.tag_of(self.step):
                 self._save()
