@@ -4,6 +4,7 @@ Run as a script, this file is the torchrun worker."""
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,14 +181,15 @@ def test_one_process_checkpoint_resumes_on_two_processes(shards, tmp_path):
               "checkpoint.every_steps=4"]
     one = run_cli("train", str(CONFIGS["mae"]), *common, "optim.max_steps=3")
     assert one.returncode == 0, one.stderr[-3000:]
-    # 160 samples, 20 steps of 8 per epoch: 3 done leave 136, 8.5 steps of 2 x 8: the 12th step is ragged
+    # 160 samples, 20 steps of 8 per epoch: 3 done leave 136, 8.5 steps of 2 x 8: 8 padded samples, in the
+    # last step or two (wherever the last block's shuffle puts them)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), __file__, str(CONFIGS["mae"]), *common, "optim.max_steps=13"]
     two = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert "step_00000003_universal at step 3" in two.stderr
-    assert "its last 1 step(s) are ragged, 8 padded samples weigh 0" in two.stderr, two.stderr[-3000:]
+    assert re.search(r"its last [12] step\(s\) are ragged, 8 padded samples weigh 0", two.stderr), two.stderr[-3000:]
     run = tmp_path / "grow"
     assert json.loads((run / "params_rank0.json").read_text()) == json.loads((run / "params_rank1.json").read_text())
     rows = metrics_rows(run)
