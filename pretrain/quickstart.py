@@ -3,7 +3,9 @@
 scikit-learn's handwritten digits (1,797 images, 10 classes) -> shards with a fixed held-out split ->
 MAE pretraining of a small ViT -> export (checked against timm) -> fine-tune and linear probe from the
 export -> the same ViT trained from scratch with the fine-tune's budget -> every model evaluated on the
-held-out split through its exported file in plain timm -> one table (accuracy, time).
+held-out split through its exported file in plain timm -> one table (accuracy, time) and report.png
+(loss curves, MAE reconstructions, the fine-tuned model's attention; pretrain/engine/report.py).
+`--seeds N` repeats the trainings with run.seed=0..N-1 and reports mean ± std over them.
 Every stage goes through the same entry points a user calls (`write_shards`, `train`, `export`,
 `evaluate`), on one process; the stage configs below are the embedded default.
 """
@@ -152,14 +154,12 @@ def _one_seed(root: str, shards: str, ep: dict, workers: int, small: bool, extra
 
     rows: list[dict] = []
     budget: dict[str, str] = {}
-    seed = 0
+    seed = _stage_config("mae", root, shards, ep["mae"], workers, extra).run.seed  # --seeds', or the user's
 
     def run_stage(stage: str, init_from: str = "") -> tuple[str, float]:
-        nonlocal seed
         _fresh(f"{root}/runs/{stage}")
         more = [f"finetune.init_from={init_from}"] if init_from else []
         cfg = _stage_config(stage, root, shards, ep[stage], workers, [*more, *extra])
-        seed = cfg.run.seed
         t = time.perf_counter()
         done = train(cfg)
         seconds = time.perf_counter() - t

@@ -162,70 +162,76 @@ def _name(names: list[str], label: int) -> str:
 # ----------------------------------------------------------------------------- the picture
 
 
-def draw(curves: dict[str, list[tuple[int, float]]], mae: Loaded, classifier: Loaded, val: str, title: str,
-         n_images: int = N_IMAGES) -> Image.Image:
-    width, height, boxes = layout(list(curves), n_images)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    pen = ImageDraw.Draw(canvas)
-    text, small = font(13), font(12)
-    pen.text((GAP, 6), title, font=font(16), fill=INK)
-    pen.text((GAP, 26), f"MAE: {mae.source}   classifier: {classifier.source}   held-out: {val}", font=small,
-             fill=GREY)
+class Sheet:
+    """The canvas, a pen and the layout's boxes: what every section draws with."""
 
-    def heading(box_key: str, line: str, col_head: str) -> None:
-        top = boxes[box_key][1]
-        pen.text((GAP, top - COL_HEAD - HEADER + 6), line, font=font(14), fill=INK)
-        pen.text((GAP, top - COL_HEAD + 2), col_head, font=small, fill=GREY)
+    def __init__(self, runs: list[str], n_images: int):
+        width, height, self.boxes = layout(runs, n_images)
+        self.image = Image.new("RGB", (width, height), (255, 255, 255))
+        self.pen = ImageDraw.Draw(self.image)
 
-    def row_labels(section: str, labels: dict[str, str]) -> None:
-        for row, label in labels.items():
-            _, top, _, bottom = boxes[f"{section}/0/{row}"]
-            pen.text((GAP, (top + bottom) // 2), label, font=text, fill=INK, anchor="lm")
+    def paste(self, key: str, img: Image.Image) -> None:
+        self.image.paste(img, self.boxes[key][:2])
 
-    first = boxes[f"loss/{next(iter(curves))}"] if curves else None
-    if first:
-        pen.text((GAP, first[1] - HEADER + 6), "training loss per run (train split, metrics.jsonl)", font=font(14),
-                 fill=INK)
+    def caption(self, key: str, line: str, fill=INK) -> None:
+        """A line just above the panel `key`."""
+        self.pen.text(self.boxes[key][:2], line, font=font(12), fill=fill, anchor="ld")
+
+    def heading(self, section: str, line: str, col_head: str, rows: dict[str, str]) -> None:
+        """A section's heading, what its column captions mean, and a label left of each row."""
+        top = self.boxes[f"{section}/0/{next(iter(rows))}"][1]
+        self.pen.text((GAP, top - COL_HEAD - HEADER + 6), line, font=font(14), fill=INK)
+        self.pen.text((GAP, top - COL_HEAD + 2), col_head, font=font(12), fill=GREY)
+        for row, label in rows.items():
+            _, top, _, bottom = self.boxes[f"{section}/0/{row}"]
+            self.pen.text((GAP, (top + bottom) // 2), label, font=font(13), fill=INK, anchor="lm")
+
+
+def draw_losses(sheet: Sheet, curves: dict[str, list[tuple[int, float]]]) -> None:
+    sheet.pen.text((GAP, TITLE + 6), "training loss per run (train split, metrics.jsonl)", font=font(14), fill=INK)
     for run, points in curves.items():
-        l, t, r, b = boxes[f"loss/{run}"]
-        last = f": {points[0][1]:.3g} -> {points[-1][1]:.3g}" if points else ""
-        canvas.paste(plot(points, (r - l, b - t), f"{run}{last}"), (l, t))
+        left, top, right, bottom = sheet.boxes[f"loss/{run}"]
+        first_last = f": {points[0][1]:.3g} -> {points[-1][1]:.3g}" if points else ""
+        sheet.paste(f"loss/{run}", plot(points, (right - left, bottom - top), f"{run}{first_last}"))
 
-    # MAE: original, masked input, reconstruction of each held-out image
+
+def draw_reconstructions(sheet: Sheet, mae: Loaded, val: str, n_images: int) -> None:
+    """Original, masked input and reconstruction of each held-out image, a different mask each."""
     images, labels, names = held_out_images(val, mae.meta, n_images)
     x, mean, std = _inputs(mae, images)
-    heading("recon/0/original", f"MAE reconstructions of held-out images ({mae.mae.mask_ratio:.0%} of patches "
-            "hidden, a different random mask each)", "label")
-    row_labels("recon", {"original": "original", "masked": "MAE input", "reconstruction": "reconstruction"})
+    sheet.heading("recon", f"MAE reconstructions of held-out images ({mae.mae.mask_ratio:.0%} of patches hidden, "
+                  "a different random mask each)", "label",
+                  {"original": "original", "masked": "MAE input", "reconstruction": "reconstruction"})
     for i, label in enumerate(labels):
         masked, recon = reconstruct(mae.mae, x[i:i + 1], mean, std, seed=i)
         for row, arr in zip(RECON_ROWS, (_rgb(images[i]), masked, recon)):
-            canvas.paste(scaled(arr, CELL), boxes[f"recon/{i}/{row}"][:2])
-        pen.text(boxes[f"recon/{i}/original"][:2], _name(names, label), font=small, fill=INK, anchor="ld")
+            sheet.paste(f"recon/{i}/{row}", scaled(arr, CELL))
+        sheet.caption(f"recon/{i}/original", _name(names, label))
 
-    # the classifier: where it looks, and what it says
+
+def draw_attention(sheet: Sheet, classifier: Loaded, val: str, n_images: int) -> None:
+    """Where the classifier looks on each held-out image (patch grid, rollout, last-block mean), and what
+    it predicts (red where wrong)."""
     enc = classifier.encoder
     images, labels, names = held_out_images(val, classifier.meta, n_images)
     x, _, _ = _inputs(classifier, images)
     gh, gw = enc.patch_embed.grid_size
-    heading("attn/0/input", f"where the classifier looks on held-out images ({pooled_query(enc)} attention)",
-            "label: predicted (p)")
-    row_labels("attn", {"input": f"input, {gh}x{gw} patches", "rollout": f"rollout, {len(enc.blocks)} blocks",
-                        "mean": "last block, mean"})
+    sheet.heading("attn", f"where the classifier looks on held-out images ({pooled_query(enc)} attention)",
+                  "label: predicted (p)", {"input": f"input, {gh}x{gw} patches",
+                                           "rollout": f"rollout, {len(enc.blocks)} blocks",
+                                           "mean": "last block, mean"})
     for i, label in enumerate(labels):
         maps = attention(enc, x[i:i + 1])
         image = scaled(_rgb(images[i]), CELL)
-        panels = {"input": patch_grid(image, gh, gw, numbers=False), "rollout": heat(image, maps["rollout"]),
-                  "mean": heat(image, maps["mean"])}
-        for row, img in panels.items():
-            canvas.paste(img, boxes[f"attn/{i}/{row}"][:2])
+        sheet.paste(f"attn/{i}/input", patch_grid(image, gh, gw, numbers=False))
+        sheet.paste(f"attn/{i}/rollout", heat(image, maps["rollout"]))
+        sheet.paste(f"attn/{i}/mean", heat(image, maps["mean"]))
         caption, right = _name(names, label), True
         if maps["logits"] is not None:  # an encoder without a head draws no prediction
             p = maps["logits"].float().softmax(-1)
             pred = int(p.argmax())
             caption, right = f"{caption}: {_name(names, pred)} ({p[pred]:.2f})", pred == label
-        pen.text(boxes[f"attn/{i}/input"][:2], caption, font=small, fill=INK if right else (200, 0, 0), anchor="ld")
-    return canvas
+        sheet.caption(f"attn/{i}/input", caption, INK if right else (200, 0, 0))
 
 
 def write_report(path: str, *, runs: dict[str, str], mae_run: str, classifier: str, val: str,
@@ -238,6 +244,13 @@ def write_report(path: str, *, runs: dict[str, str], mae_run: str, classifier: s
     if mae.mae is None:
         raise UserError(f"{mae_run} is not an MAE run directory: the reconstructions need its decoder "
                         "(an exported MAE file keeps only the encoder)")
-    picture = draw(curves, mae, load_model(classifier), val, title)
-    save_png(picture, path)
+    clf = load_model(classifier)
+    sheet = Sheet(list(curves), N_IMAGES)
+    sheet.pen.text((GAP, 6), title, font=font(16), fill=INK)
+    sheet.pen.text((GAP, 26), f"MAE: {mae_run}   classifier: {classifier}   held-out: {val}", font=font(12),
+                   fill=GREY)
+    draw_losses(sheet, curves)
+    draw_reconstructions(sheet, mae, val, N_IMAGES)
+    draw_attention(sheet, clf, val, N_IMAGES)
+    save_png(sheet.image, path)
     return path
