@@ -3,7 +3,9 @@
 scikit-learn's handwritten digits (1,797 images, 10 classes) -> shards with a fixed held-out split ->
 MAE pretraining of a small ViT -> export (checked against timm) -> fine-tune and linear probe from the
 export -> the same ViT trained from scratch with the fine-tune's budget -> every model evaluated on the
-held-out split through its exported file in plain timm -> one table (accuracy, time).
+held-out split through its exported file in plain timm -> one table (accuracy, time) and report.png
+(loss curves, MAE reconstructions, the fine-tuned model's attention; pretrain/engine/report.py).
+`--seeds N` repeats the trainings with run.seed=0..N-1 and reports mean ± std over them.
 Every stage goes through the same entry points a user calls (`write_shards`, `train`, `export`,
 `evaluate`), on one process; the stage configs below are the embedded default.
 """
@@ -12,9 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import fsspec
+
+from pretrain.errors import UserError
 
 # The model: a 128-wide, 4-block ViT at 32 px with 4-px patches (the 8x8 digits upsampled 4x).
 MODEL = ["model.arch=vit_micro_patch4_32"]
@@ -91,22 +96,30 @@ def knn_of(weights: str, shards: str, workers: int, k: int = 20, temperature: fl
     return knn_top1(build_timm(meta, state), train, val, k, temperature, "cpu", mean=cfg.data.mean, std=cfg.data.std)
 
 
-def quickstart(out: str, *, small: bool = False, workers: int = 1, epochs: dict | None = None,
-               extra: list[str] | None = None, log=print) -> dict:
-    """Run every stage; -> {"rows": [...], "total_s": ..., "fine_tune_gain": ...}."""
-    from pretrain.data.writer import write_shards
-    from pretrain.engine.export import export
-    from pretrain.engine.trainer import train
+# the table's rows the fine-tune gain is computed from
+MAE_ROW, FINETUNE_ROW, SCRATCH_ROW = ("MAE pretrain (encoder, k-NN k=20)", "MAE -> fine-tune",
+                                      "from scratch (same budget as fine-tune)")
 
+
+def quickstart(out: str, *, small: bool = False, workers: int = 1, epochs: dict | None = None,
+               extra: list[str] | None = None, seeds: int = 1, log=print) -> dict:
+    """Write the shards once, run every stage for each seed, draw the report from the first;
+    -> {"rows": [...] (mean over seeds), "per_seed": [...], "fine_tune_gain": ..., "report": ..., ...}."""
+    from pretrain.data.writer import write_shards
+
+    extra = list(extra or [])
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    if seeds > 1 and any(o.startswith("run.seed=") for o in extra):
+        raise UserError("--seeds sets run.seed to 0..N-1 in every stage: drop the run.seed override, or use --seeds 1")
     ep = dict(EPOCHS, **(epochs or {}))
     ep["scratch"] = ep["finetune"]  # the baseline gets the fine-tune's budget
-    extra = list(extra or [])
     if small:
-        extra = [f"optim.max_steps={SMALL_STEPS}", "optim.warmup_epochs=0", "optim.warmup_steps=2", *extra]
+        # every step logged, so the report's loss curves have a line to draw
+        extra = [f"optim.max_steps={SMALL_STEPS}", "optim.warmup_epochs=0", "optim.warmup_steps=2",
+                 "logging.every_steps=1", *extra]
     t_start = time.perf_counter()
     shards = f"{out}/shards"
-    rows: list[dict] = []
-    budget: dict[str, str] = {}
 
     t0 = time.perf_counter()
     _fresh(shards)
@@ -114,33 +127,18 @@ def quickstart(out: str, *, small: bool = False, workers: int = 1, epochs: dict 
     n_train, n_val = res["splits"]["train"]["num_samples"], res["splits"]["val"]["num_samples"]
     log(f"[quickstart] shards: {n_train} train / {n_val} held-out digits in {time.perf_counter() - t0:.1f}s")
 
-    def run_stage(stage: str, init_from: str = "") -> tuple[str, float]:
-        _fresh(f"{out}/runs/{stage}")
-        more = [f"finetune.init_from={init_from}"] if init_from else []
-        cfg = _stage_config(stage, out, shards, ep[stage], workers, [*more, *extra])
-        t = time.perf_counter()
-        done = train(cfg)
-        seconds = time.perf_counter() - t
-        budget[stage] = f"{done['step']} steps" if small else f"{ep[stage]:g}"
-        weights = export(f"{out}/runs/{stage}", out=f"{out}/export/{stage}.safetensors")["weights"]
-        log(f"[quickstart] {stage}: {done['step']} steps in {seconds:.0f}s -> {weights}")
-        return weights, seconds
+    per_seed = []
+    for seed in range(seeds):
+        # one seed keeps the plain layout (runs/, export/ in --out) and the user's own run.seed, if any
+        root, more = (out, []) if seeds == 1 else (f"{out}/seed{seed}", [f"run.seed={seed}"])
+        per_seed.append(_one_seed(root, shards, ep, workers, small, [*more, *extra], log))
 
-    mae_w, mae_s = run_stage("mae")
-    knn = knn_of(mae_w, shards, workers)
-    rows.append({"model": "MAE pretrain (encoder, k-NN k=20)", "epochs": budget["mae"], "top1": knn, "top5": None,
-                 "train_s": mae_s})
-    for stage, label in (("finetune", "MAE -> fine-tune"), ("linprobe", "MAE -> linear probe"),
-                         ("scratch", "from scratch (same budget as fine-tune)")):
-        w, s = run_stage(stage, mae_w if stage in ("finetune", "linprobe") else "")
-        r = held_out(w, shards, workers)
-        rows.append({"model": label, "epochs": budget[stage], "top1": r["top1"], "top5": r["top5"], "train_s": s,
-                     "n": r["n"]})
-    total = time.perf_counter() - t_start
-    by = {r["model"]: r for r in rows}
-    gain = by["MAE -> fine-tune"]["top1"] - by["from scratch (same budget as fine-tune)"]["top1"]
-    result = {"rows": rows, "total_s": total, "fine_tune_gain": gain, "n_train": n_train, "n_val": n_val,
-              "epochs": ep, "small": small}
+    first = out if seeds == 1 else f"{out}/seed0"
+    t0 = time.perf_counter()
+    report = _report(out, first, shards, small, seeds)
+    log(f"[quickstart] report in {time.perf_counter() - t0:.1f}s -> {report}")
+    result = {**summarize(per_seed), "per_seed": per_seed, "seeds": seeds, "total_s": time.perf_counter() - t_start,
+              "n_train": n_train, "n_val": n_val, "epochs": ep, "small": small, "report": report}
     with fsspec.open(f"{out}/results.json", "w") as f:
         json.dump(result, f, indent=2)
     with fsspec.open(f"{out}/results.md", "w") as f:
@@ -148,15 +146,95 @@ def quickstart(out: str, *, small: bool = False, workers: int = 1, epochs: dict 
     return result
 
 
+def _one_seed(root: str, shards: str, ep: dict, workers: int, small: bool, extra: list[str], log) -> dict:
+    """The four trainings (runs in root/runs, exports in root/export) and their held-out scores;
+    -> {"seed", "rows", "fine_tune_gain"}."""
+    from pretrain.engine.export import export
+    from pretrain.engine.trainer import train
+
+    rows: list[dict] = []
+    budget: dict[str, str] = {}
+    seed = _stage_config("mae", root, shards, ep["mae"], workers, extra).run.seed  # --seeds', or the user's
+
+    def run_stage(stage: str, init_from: str = "") -> tuple[str, float]:
+        _fresh(f"{root}/runs/{stage}")
+        more = [f"finetune.init_from={init_from}"] if init_from else []
+        cfg = _stage_config(stage, root, shards, ep[stage], workers, [*more, *extra])
+        t = time.perf_counter()
+        done = train(cfg)
+        seconds = time.perf_counter() - t
+        budget[stage] = f"{done['step']} steps" if small else f"{ep[stage]:g}"
+        weights = export(f"{root}/runs/{stage}", out=f"{root}/export/{stage}.safetensors")["weights"]
+        log(f"[quickstart] {stage} (seed {seed}): {done['step']} steps in {seconds:.0f}s -> {weights}")
+        return weights, seconds
+
+    mae_w, mae_s = run_stage("mae")
+    knn = knn_of(mae_w, shards, workers)
+    rows.append({"model": MAE_ROW, "epochs": budget["mae"], "top1": knn, "top5": None, "train_s": mae_s})
+    for stage, label in (("finetune", FINETUNE_ROW), ("linprobe", "MAE -> linear probe"), ("scratch", SCRATCH_ROW)):
+        w, s = run_stage(stage, mae_w if stage in ("finetune", "linprobe") else "")
+        r = held_out(w, shards, workers)
+        rows.append({"model": label, "epochs": budget[stage], "top1": r["top1"], "top5": r["top5"], "train_s": s,
+                     "n": r["n"]})
+    by = {r["model"]: r for r in rows}
+    return {"seed": seed, "rows": rows, "fine_tune_gain": by[FINETUNE_ROW]["top1"] - by[SCRATCH_ROW]["top1"]}
+
+
+def _report(out: str, first: str, shards: str, small: bool, seeds: int) -> str:
+    """report.png in out, drawn from the runs and exports under `first` (the first seed's)."""
+    from pretrain.engine.report import write_report
+
+    title = f"vit-pretrain quickstart: {out}" + (f" (seed 0 of {seeds})" if seeds > 1 else "")
+    if small:
+        title += f"   --small: {SMALL_STEPS} steps per stage, a smoke test, not a result"
+    return write_report(f"{out}/report.png", runs={s: f"{first}/runs/{s}" for s in STAGES},
+                        mae_run=f"{first}/runs/mae", classifier=f"{first}/export/finetune.safetensors",
+                        val=f"{shards}/val.json", title=title)
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for one value, or when values are missing)."""
+    if any(v is None for v in values):
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Each row's top-1/top-5/train time, and the fine-tune gain, as mean and spread over seeds."""
+    rows = []
+    for i, first in enumerate(per_seed[0]["rows"]):
+        same = [s["rows"][i] for s in per_seed]
+        row = dict(first)
+        for key in ("top1", "top5", "train_s"):
+            row[key], row[f"{key}_std"] = _mean_std([r[key] for r in same])
+        rows.append(row)
+    gain, gain_std = _mean_std([s["fine_tune_gain"] for s in per_seed])
+    return {"rows": rows, "fine_tune_gain": gain, "fine_tune_gain_std": gain_std}
+
+
 def table(result: dict) -> str:
-    """The results as a Markdown table (what the command prints)."""
+    """The results as a Markdown table (what the command prints); over several seeds, mean ± sample std."""
+    n = result.get("seeds", 1)
+
+    def pct(r: dict, key: str) -> str:
+        if r[key] is None:
+            return "-"
+        return f"{100 * r[key]:.2f}%" if n == 1 else f"{100 * r[key]:.2f} ± {100 * r[key + '_std']:.2f}%"
+
+    top1 = "held-out top-1" if n == 1 else f"held-out top-1 (mean ± std, {n} seeds)"
     lines = [f"held-out: {result['n_val']} digits never seen in training (train: {result['n_train']})", "",
-             "| model | epochs | held-out top-1 | top-5 | train time |", "|---|---:|---:|---:|---:|"]
+             f"| model | epochs | {top1} | top-5 | train time |", "|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        top5 = f"{100 * r['top5']:.2f}%" if r["top5"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['epochs']} | {100 * r['top1']:.2f}% | {top5} | {r['train_s']:.0f} s |")
-    lines += ["", f"MAE fine-tune vs from scratch: {100 * result['fine_tune_gain']:+.2f} points top-1; "
-              f"total wall time {result['total_s'] / 60:.1f} min"]
+        lines.append(f"| {r['model']} | {r['epochs']} | {pct(r, 'top1')} | {pct(r, 'top5')} | {r['train_s']:.0f} s |")
+    gain = 100 * result["fine_tune_gain"]
+    if n == 1:
+        lines += ["", f"MAE fine-tune vs from scratch: {gain:+.2f} points top-1; "
+                  f"total wall time {result['total_s'] / 60:.1f} min"]
+    else:
+        each = ", ".join(f"seed {s['seed']} {100 * s['fine_tune_gain']:+.2f}" for s in result["per_seed"])
+        lines += ["", f"MAE fine-tune vs from scratch: {gain:+.2f} ± {100 * result['fine_tune_gain_std']:.2f} "
+                  f"points over {n} seeds; total wall time {result['total_s'] / 60:.1f} min",
+                  f"per seed, MAE fine-tune minus from scratch: {each} points"]
     return "\n".join(lines)
 
 
@@ -164,6 +242,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="folder for shards, runs, exports and results")
     parser.add_argument("--small", action="store_true", help="a few epochs per stage (a smoke test, not the result)")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per stage")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run every stage with run.seed=0..N-1 (runs in OUT/seed<s>/) and report mean ± std")
     for stage in ("mae", "finetune", "linprobe"):
         parser.add_argument(f"--{stage}-epochs", type=float, default=None,
                             help=f"epochs of the {stage} stage (default {EPOCHS[stage]})")
@@ -177,8 +257,10 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, without its warning
     epochs = {s: getattr(args, f"{s}_epochs") for s in ("mae", "finetune", "linprobe")
               if getattr(args, f"{s}_epochs") is not None}
-    result = quickstart(args.out, small=args.small, workers=args.workers, epochs=epochs, extra=args.overrides)
+    result = quickstart(args.out, small=args.small, workers=args.workers, epochs=epochs, extra=args.overrides,
+                        seeds=args.seeds)
     print(table(result))
+    print(f"report: {result['report']}")
     from pretrain import dist as pdist
 
     pdist.teardown()

@@ -194,41 +194,50 @@ def layout(n_heads: int, mae: bool) -> tuple[int, int, dict[str, tuple[int, int,
     return GAP + cols * cell_w, y0 + rows * cell_h, boxes
 
 
-def _font(size: int):
+def font(size: int):
     return ImageFont.load_default(size=size)
 
 
-def _scaled(arr: np.ndarray) -> Image.Image:
+def scaled(arr: np.ndarray, size: int = PANEL) -> Image.Image:
     """The image at panel size: small inputs (digits at 32 px) as sharp pixels, larger ones smoothly."""
-    resample = Image.Resampling.NEAREST if 2 * max(arr.shape[:2]) <= PANEL else Image.Resampling.BICUBIC
-    return Image.fromarray(arr).convert("RGB").resize((PANEL, PANEL), resample)
+    resample = Image.Resampling.NEAREST if 2 * max(arr.shape[:2]) <= size else Image.Resampling.BICUBIC
+    return Image.fromarray(arr).convert("RGB").resize((size, size), resample)
 
 
-def _heat(image: Image.Image, amap: torch.Tensor) -> Image.Image:
+def heat(image: Image.Image, amap: torch.Tensor) -> Image.Image:
     """A (gh, gw) map, scaled to [0, 1], coloured and laid over the image; one flat block per patch."""
     a = amap.float()
     a = (a - a.min()) / (a.max() - a.min() + 1e-12)
-    grey = Image.fromarray((a.numpy() * 255).round().astype(np.uint8)).resize((PANEL, PANEL), Image.Resampling.NEAREST)
+    grey = Image.fromarray((a.numpy() * 255).round().astype(np.uint8)).resize(image.size, Image.Resampling.NEAREST)
     return Image.blend(image, ImageOps.colorize(grey, **HEAT), 0.65)
 
 
-def _patch_grid(image: Image.Image, gh: int, gw: int) -> Image.Image:
-    """The image with its patch grid and each patch's index (raster order: token index - prefix)."""
+def patch_grid(image: Image.Image, gh: int, gw: int, numbers: bool = True) -> Image.Image:
+    """The image with its patch grid and (numbers) each patch's index (raster order: token index - prefix)."""
     out = image.copy()
     draw = ImageDraw.Draw(out)
-    cw, ch = PANEL / gw, PANEL / gh
+    width, height = out.size
+    cw, ch = width / gw, height / gh
     for i in range(1, gw):
-        draw.line([(i * cw, 0), (i * cw, PANEL)], fill=(255, 255, 255), width=1)
+        draw.line([(i * cw, 0), (i * cw, height)], fill=(255, 255, 255), width=1)
     for j in range(1, gh):
-        draw.line([(0, j * ch), (PANEL, j * ch)], fill=(255, 255, 255), width=1)
+        draw.line([(0, j * ch), (width, j * ch)], fill=(255, 255, 255), width=1)
     size = int(min(cw, ch) * 0.38)
-    if size >= 6:  # below that the numbers are unreadable; the grid alone still shows the patches
-        font = _font(min(size, 16))
+    if numbers and size >= 6:  # below that the numbers are unreadable; the grid alone still shows the patches
+        small = font(min(size, 16))
         for j in range(gh):
             for i in range(gw):
-                draw.text((i * cw + 2, j * ch + 1), str(j * gw + i), font=font, fill=(255, 255, 255),
+                draw.text((i * cw + 2, j * ch + 1), str(j * gw + i), font=small, fill=(255, 255, 255),
                           stroke_width=1, stroke_fill=(0, 0, 0))
     return out
+
+
+def save_png(picture: Image.Image, path: str) -> None:
+    """Write a picture to any fsspec URL (PIL writes to the buffer, fsspec moves the bytes)."""
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    with fsspec.open(path, "wb") as f:
+        f.write(buf.getvalue())
 
 
 def _top_classes(logits: torch.Tensor | None, names: list[str], k: int = 3) -> str:
@@ -250,22 +259,22 @@ def draw(name: str, loaded: Loaded, crop: np.ndarray, maps: dict[str, torch.Tens
     p = enc.patch_embed.patch_size[0]
     depth = len(enc.blocks)
     query = pooled_query(enc)
-    image = _scaled(crop)
+    image = scaled(crop)
     panels = {
-        "input": (_patch_grid(image, gh, gw), f"input {crop.shape[1]}x{crop.shape[0]}: {gh}x{gw} patches of {p} px"),
-        "rollout": (_heat(image, maps["rollout"]), f"attention rollout over {depth} blocks"),
-        "mean": (_heat(image, maps["mean"]), f"last block, mean of {n_heads} heads"),
+        "input": (patch_grid(image, gh, gw), f"input {crop.shape[1]}x{crop.shape[0]}: {gh}x{gw} patches of {p} px"),
+        "rollout": (heat(image, maps["rollout"]), f"attention rollout over {depth} blocks"),
+        "mean": (heat(image, maps["mean"]), f"last block, mean of {n_heads} heads"),
     }
     if mae_images is not None:
         ratio = loaded.mae.mask_ratio
-        panels["masked"] = (_scaled(mae_images[0]), f"MAE input, {ratio:.0%} of patches hidden")
-        panels["reconstruction"] = (_scaled(mae_images[1]), "MAE reconstruction + visible patches")
+        panels["masked"] = (scaled(mae_images[0]), f"MAE input, {ratio:.0%} of patches hidden")
+        panels["reconstruction"] = (scaled(mae_images[1]), "MAE reconstruction + visible patches")
     for i in range(n_heads):
-        panels[f"head_{i}"] = (_heat(image, maps["heads"][i]), f"head {i}")
+        panels[f"head_{i}"] = (heat(image, maps["heads"][i]), f"head {i}")
 
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     pen = ImageDraw.Draw(canvas)
-    title, small = _font(15), _font(13)
+    title, small = font(15), font(13)
     pen.text((GAP, 6), f"{name}   {loaded.meta.get('arch') or loaded.meta['timm_name']}"
              f"{_top_classes(maps.get('logits'), loaded.meta.get('class_names') or [])}", font=title, fill=(0, 0, 0))
     pen.text((GAP, 26), f"weights: {loaded.source}", font=small, fill=(80, 80, 80))
@@ -307,10 +316,7 @@ def visualize(images: list[str], weights: str | None, out_dir: str, arch: str | 
             n += 1
             name = f"{stem}_{n}.png"
         path = f"{out_dir.rstrip('/')}/{name}"
-        buf = io.BytesIO()
-        picture.save(buf, format="PNG")
-        with fsspec.open(path, "wb") as f:
-            f.write(buf.getvalue())
+        save_png(picture, path)
         written.append(path)
     return written
 
