@@ -25,11 +25,11 @@ from pretrain.errors import UserError
 MODEL = ["model.arch=vit_micro_patch4_32"]
 # Shared by every stage: digits are not mirror-symmetric, so no flips; strokes reach the image border,
 # so evaluation sees the whole image (no centre crop).
-# One DeepSpeed bucket holds the whole 1.2M-parameter model (2^21 elements, 8 MB).
+# One process has nothing to partition: ZeRO stage 0 (DeepSpeed's engine without sharding) steps ~15% faster
+# here than stage 1, whose gradient buckets and fp32 partition copy buy nothing on one rank.
 COMMON = ["data.hflip=0.0", "data.eval_crop_pct=1.0", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]",
-          "deepspeed.zero_stage=1", "deepspeed.bucket_size=2097152",
-          "checkpoint.every_steps=0", "checkpoint.keep=1", "checkpoint.resume=never",
-          "logging.every_steps=25", "logging.images_every_steps=0", "logging.progress=false"]
+          "deepspeed.zero_stage=0", "checkpoint.every_steps=0", "checkpoint.keep=1", "checkpoint.resume=never",
+          "logging.every_steps=10", "logging.images_every_steps=0", "logging.progress=false"]
 STAGES = {
     # MAE recipe scaled down: sin-cos positions, 75% masking, light decoder, AdamW(0.9, 0.95)
     "mae": ["task.kind=mae", "model.pos_embed=sincos", "mae.mask_ratio=0.75", "mae.norm_pix_loss=false",
@@ -51,7 +51,7 @@ STAGES = {
                 "task.label_smoothing=0.1", "data.crop_scale=[0.8,1.0]", "data.batch_size=32",
                 "optim.lr_per_256=5e-3", "optim.weight_decay=0.05", "optim.warmup_epochs=3"],
 }
-EPOCHS = {"mae": 20, "finetune": 40, "linprobe": 10}
+EPOCHS = {"mae": 20, "finetune": 25, "linprobe": 10}
 SMALL_STEPS = 6  # --small: optimizer steps per stage, for the test suite (a smoke test, not a result)
 
 

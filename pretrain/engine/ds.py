@@ -154,10 +154,21 @@ def build_optimizer(cfg, param_groups: list[dict], device: torch.device):
     return cls(param_groups, **kwargs)
 
 
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed's comm layer compiles its shared-memory all-reduce op with g++ the first time in every
+    environment (~25 s on 2 idle cores; again whenever the install path changes) for `inference_all_reduce`
+    alone, which training never calls: marked unavailable, the comm layer skips it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def initialize(task: torch.nn.Module, cfg, world_size: int, device: torch.device, precision: Precision,
                *, load_universal: bool = False):
     """-> (engine, ds_config). The engine wraps the Task; its module state dict holds `encoder.*`."""
     import deepspeed
+
+    _skip_shm_comm_build()
 
     task.to(device)
     if cfg.deepspeed.zero_stage == 3:
