@@ -101,35 +101,36 @@ def test_prune_keeps_the_newest_and_never_latest(tmp_path):
 
 @pytest.mark.slow
 def test_supervised_run_writes_run_dir_and_learns(shards, tmp_path):
-    cfg = _cfg(TINY_SUP, shards, tmp_path, f"data.val_urls={shards}/val.json", "optim.max_steps=12",
-               "checkpoint.every_steps=4", "checkpoint.keep=2", "logging.images_every_steps=6")
+    # the tiny classifier's loss sits at chance (~2.30) for its first ~30 steps; 48 show it falling
+    cfg = _cfg(TINY_SUP, shards, tmp_path, f"data.val_urls={shards}/val.json", "optim.max_steps=48",
+               "checkpoint.every_steps=16", "checkpoint.keep=2", "logging.images_every_steps=24")
     result = train(cfg)
     run = Path(result["run_dir"])
-    assert result["step"] == 12 and not result["stopped_early"]
+    assert result["step"] == 48 and not result["stopped_early"]
     model = json.loads((run / "model.json").read_text())
     assert model["task"] == "supervised" and model["num_classes"] == 10
     assert model["create_model"]["name"] == "vit_nano_patch4_16"
     assert load_config(str(run / "config.yaml")) == cfg
     ck = run / "checkpoints"
-    assert (ck / "latest").read_text().strip() == "step_00000012"
-    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000008", "step_00000012"]
+    assert (ck / "latest").read_text().strip() == "step_00000048"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000032", "step_00000048"]
     rows = metrics_rows(run)
-    assert sorted(rows) == list(range(1, 13))
+    assert sorted(rows) == list(range(1, 49))
     for key in ("epoch", "samples", "loss", "lr", "grad_norm", "images_per_sec", "data_wait", "flops_per_sec"):
-        assert key in rows[12], key
-    assert rows[12]["samples"] == 12 * cfg.data.batch_size
-    first = sum(rows[s]["loss"] for s in (1, 2, 3)) / 3
-    last = sum(rows[s]["loss"] for s in (10, 11, 12)) / 3
-    assert last < first
+        assert key in rows[48], key
+    assert rows[48]["samples"] == 48 * cfg.data.batch_size
+    first = sum(rows[s]["loss"] for s in range(1, 7)) / 6
+    last = sum(rows[s]["loss"] for s in range(43, 49)) / 6
+    assert last < first - 0.05, (first, last)
     assert 0.0 <= result["val_top1"] <= 1.0 and result["val_n"] == 32
     tb = _tb(run)
     tags = tb.Tags()
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_sec", "val/top1", "val/top5"):
         assert tag in tags["scalars"], tag
-    assert [e.step for e in tb.Scalars("train/loss")] == list(range(1, 13))
+    assert [e.step for e in tb.Scalars("train/loss")] == list(range(1, 49))
     assert "attention/last_block" in tags["images"]
     img = tb.Images("attention/last_block")[-1]
-    assert img.step == 12 and img.width > 16 and img.height > 16
+    assert img.step == 48 and img.width > 16 and img.height > 16
 
 
 @pytest.mark.slow
