@@ -25,8 +25,8 @@ from pretrain.errors import UserError
 MODEL = ["model.arch=vit_micro_patch4_32"]
 # Shared by every stage: digits are not mirror-symmetric, so no flips; strokes reach the image border,
 # so evaluation sees the whole image (no centre crop).
-# One process has nothing to partition: ZeRO stage 0 (DeepSpeed's engine without sharding) steps ~15% faster
-# here than stage 1, whose gradient buckets and fp32 partition copy buy nothing on one rank.
+# One process has nothing to partition: ZeRO stage 0 (DeepSpeed's engine without sharding); stage 1's
+# gradient buckets and fp32 partition copy buy nothing on one rank.
 COMMON = ["data.hflip=0.0", "data.eval_crop_pct=1.0", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]",
           "deepspeed.zero_stage=0", "checkpoint.every_steps=0", "checkpoint.keep=1", "checkpoint.resume=never",
           "logging.every_steps=10", "logging.images_every_steps=0", "logging.progress=false"]
