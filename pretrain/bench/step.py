@@ -32,9 +32,6 @@ class MemoryStream:
         self.batches_per_epoch = 10**9
         self.num_samples = self.batches_per_epoch * images.shape[0]
 
-    def remaining_batches(self, epoch: int) -> int:
-        return self.batches_per_epoch
-
     def iter_epoch_weighted(self, epoch: int):
         while True:
             yield self.images, self.labels, None, None

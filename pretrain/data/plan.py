@@ -54,6 +54,12 @@ def block_starts(length: int, batch: int, block: int, ramp: bool = True) -> np.n
     return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
+def block_at(starts: np.ndarray, pos: int) -> tuple[int, int, int]:
+    """(index, start, stop) of the block of `block_starts` that holds slot position `pos`."""
+    j = int(np.searchsorted(starts, pos, "right") - 1)
+    return j, int(starts[j]), int(starts[j + 1])
+
+
 def _seg_starts(segs: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(segs[:, 1] - segs[:, 0])]).astype(np.int64)
 
@@ -171,9 +177,7 @@ class Layer:
                 length, done = batches * b, self.consumed(w, n) * b
                 if done >= length:
                     continue
-                starts = self.blocks(batches)
-                j = int(np.searchsorted(starts, done, "right") - 1)
-                start, stop = int(starts[j]), int(starts[j + 1])
+                j, start, stop = block_at(self.blocks(batches), done)
                 left = np.sort(self.block_perm(slot, j, stop - start)[done - start:]) + start + v0  # virtual indices
                 left = left[left < self.m]
                 if len(left):

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.index import ShardIndex, read_index
-from pretrain.data.plan import EpochPlan, Layout, seg_points
+from pretrain.data.plan import EpochPlan, Layout, block_at, seg_points
 from pretrain.data.tario import ShardCursor
 from pretrain.data.transforms import BadSample, Decoder
 from pretrain.errors import UserError
@@ -172,8 +172,7 @@ class _TrainSlots(IterableDataset):
         last_good = None
         try:
             while pos < length:
-                j = int(np.searchsorted(starts, pos, "right") - 1)
-                start, stop = int(starts[j]), int(starts[j + 1])
+                j, start, stop = block_at(starts, pos)
                 perm = layer.block_perm(slot, j, stop - start)[pos - start:]  # the yielded part is skipped unread
                 need = np.sort(perm)
                 shard, intra = plan.locate(seg_points(segs, need + start))
