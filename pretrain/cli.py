@@ -14,9 +14,9 @@ import sys
 COMMANDS = {
     "shards": ("pretrain.data.writer", "write WebDataset shards from an image folder, CSV/JSONL, Parquet, digits or synthetic:N"),
     "train": ("pretrain.engine.trainer", "train (supervised, mae, finetune, linprobe) from a config"),
-    "export": ("pretrain.engine.export", "export a run's checkpoint to a timm-loadable safetensors file"),
-    "eval": ("pretrain.engine.evaluate", "evaluate exported weights on labelled shards (JSON out)"),
-    "visualize": ("pretrain.engine.visualize", "patch grid, attention per head, rollout and MAE reconstruction as PNGs"),
+    "export": ("pretrain.export", "export a run's checkpoint to a timm-loadable safetensors file"),
+    "eval": ("pretrain.evaluation.command", "evaluate exported weights on labelled shards (JSON out)"),
+    "visualize": ("pretrain.viz.visualize", "patch grid, attention per head, rollout and MAE reconstruction as PNGs"),
     "config": ("pretrain.cli", "print the resolved config"),
     "bench": ("pretrain.bench", "benchmarks: ours vs a baseline in the same run"),
     "quickstart": ("pretrain.quickstart", "digits: shards, MAE pretrain, export, fine-tune, probe, eval"),

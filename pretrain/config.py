@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 import fsspec
 import yaml
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, first_line
 
 
 @dataclass
@@ -343,7 +343,7 @@ def _load_yaml_chain(path: str, seen: tuple) -> dict:
     try:
         tree = yaml.safe_load(_read_text(path)) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({first_line(e)})") from None
     if not isinstance(tree, dict):
         raise UserError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
     bases = tree.pop("_base_", [])

@@ -14,3 +14,9 @@ EXIT_REQUEUE = 75
 """The trainer checkpointed on SIGTERM/SIGUSR1 and stopped early: launch scripts requeue the job (EX_TEMPFAIL)."""
 EXIT_PEER_FAILED = 3
 """This rank stopped because another rank of the job failed or stopped answering (its message says which)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty): what a one-line error quotes."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

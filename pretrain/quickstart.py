@@ -4,7 +4,7 @@ scikit-learn's handwritten digits (1,797 images, 10 classes) -> shards with a fi
 MAE pretraining of a small ViT -> export (checked against timm) -> fine-tune and linear probe from the
 export -> the same ViT trained from scratch with the fine-tune's budget -> every model evaluated on the
 held-out split through its exported file in plain timm -> one table (accuracy, time) and report.png
-(loss curves, MAE reconstructions, the fine-tuned model's attention; pretrain/engine/report.py).
+(loss curves, MAE reconstructions, the fine-tuned model's attention; pretrain/viz/report.py).
 `--seeds N` repeats the trainings with run.seed=0..N-1 and reports mean ± std over them.
 Every stage goes through the same entry points a user calls (`write_shards`, `train`, `export`,
 `evaluate`), on one process; the stage configs below are the embedded default.
@@ -73,8 +73,8 @@ def _fresh(url: str) -> None:
 def held_out(weights: str, shards: str, workers: int) -> dict:
     """Top-1/top-5 of an exported file, loaded into plain timm, on the held-out split."""
     from pretrain.data import build_eval_stream
-    from pretrain.engine.evaluate import eval_config, evaluate
-    from pretrain.engine.export import build_timm, load_exported
+    from pretrain.evaluation.evaluate import eval_config, evaluate
+    from pretrain.weights import build_timm, load_exported
 
     state, meta = load_exported(weights)
     cfg = eval_config(meta, batch_size=256, workers=workers)
@@ -85,9 +85,9 @@ def held_out(weights: str, shards: str, workers: int) -> dict:
 def knn_of(weights: str, shards: str, workers: int, k: int = 20, temperature: float = 0.07) -> float:
     """Weighted k-NN top-1 of an exported encoder's features (train split as memory, held-out queries)."""
     from pretrain.data import build_eval_stream
-    from pretrain.engine.evaluate import eval_config
-    from pretrain.engine.export import build_timm, load_exported
-    from pretrain.engine.knn import knn_top1
+    from pretrain.evaluation.evaluate import eval_config
+    from pretrain.weights import build_timm, load_exported
+    from pretrain.evaluation.knn import knn_top1
 
     state, meta = load_exported(weights)
     cfg = eval_config(meta, batch_size=256, workers=workers)
@@ -149,7 +149,7 @@ def quickstart(out: str, *, small: bool = False, workers: int = 1, epochs: dict 
 def _one_seed(root: str, shards: str, ep: dict, workers: int, small: bool, extra: list[str], log) -> dict:
     """The four trainings (runs in root/runs, exports in root/export) and their held-out scores;
     -> {"seed", "rows", "fine_tune_gain"}."""
-    from pretrain.engine.export import export
+    from pretrain.export import export
     from pretrain.engine.trainer import train
 
     rows: list[dict] = []
@@ -182,7 +182,7 @@ def _one_seed(root: str, shards: str, ep: dict, workers: int, small: bool, extra
 
 def _report(out: str, first: str, shards: str, small: bool, seeds: int) -> str:
     """report.png in out, drawn from the runs and exports under `first` (the first seed's)."""
-    from pretrain.engine.report import write_report
+    from pretrain.viz.report import write_report
 
     title = f"vit-pretrain quickstart: {out}" + (f" (seed 0 of {seeds})" if seeds > 1 else "")
     if small:

@@ -13,7 +13,9 @@ from timm.layers import GluMlp, LayerScale
 
 from pretrain.config import load_config
 from pretrain.data.writer import write_shards
-from pretrain.engine.export import consolidate, encoder_state, export, fixed_input, reference_model
+from pretrain.engine.consolidate import consolidate, encoder_state
+from pretrain.export import export, reference_model
+from pretrain.weights import fixed_input
 from pretrain.engine.trainer import train
 from pretrain.errors import UserError
 
@@ -78,7 +80,7 @@ def test_mae_with_every_option_at_zero3(shards, tmp_path):
     # the run directory draws: attention past the registers, the decoder's reconstruction
     from PIL import Image
 
-    from pretrain.engine.visualize import layout, visualize
+    from pretrain.viz.visualize import layout, visualize
     from pretrain.tasks.mae import MaeTask
 
     Image.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy()).save(tmp_path / "noise.png")
@@ -220,7 +222,7 @@ def test_unsound_combinations_are_user_errors():
 def test_named_configurations_carry_their_options_into_plain_timm(name):
     from timm.models.eva import Eva
 
-    from pretrain.engine.export import timm_spec
+    from pretrain.models.timm_spec import timm_spec
     from pretrain.models import create_model, list_models, model_kwargs
 
     assert {"vit_small_patch14_reg4_ls_224", "vit_base_patch14_rope_swiglu_224", name} <= set(list_models())

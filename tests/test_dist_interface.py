@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from pretrain.dist import _interface_of, _local_addr_to, gloo_interface
+from pretrain.dist.rendezvous import _interface_of, _local_addr_to, gloo_interface
 
 
 def _ip_addrs() -> dict[str, str]:

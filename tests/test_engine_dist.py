@@ -151,7 +151,7 @@ def test_world_size_change_resume_carries_weights_optimizer_and_schedule(two_pro
     peak lr follows the halved effective batch."""
     import torch
 
-    from pretrain.engine.export import consolidate
+    from pretrain.engine.consolidate import consolidate
 
     run, n = two_proc_runs[("supervised", 3)], STEPS["supervised"]
     tag = f"step_{n:08d}"

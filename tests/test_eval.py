@@ -40,8 +40,8 @@ def test_eval_json(digits, classifier, cli):
 
 def test_evaluate_counts_match_a_direct_computation(digits, classifier):
     from pretrain.data import build_eval_stream, normalize
-    from pretrain.engine.evaluate import eval_config, evaluate
-    from pretrain.engine.export import build_timm, load_exported
+    from pretrain.evaluation.evaluate import eval_config, evaluate
+    from pretrain.weights import build_timm, load_exported
 
     state, meta = load_exported(str(classifier))
     model = build_timm(meta, state)
@@ -89,7 +89,7 @@ def test_eval_rejects_a_headless_encoder(digits, tmp_path, cli):
 
 
 def test_knn_vote_is_weighted():
-    from pretrain.engine.knn import knn_classify
+    from pretrain.evaluation.knn import knn_classify
 
     train_f = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]]), dim=1)
     train_y = torch.tensor([0, 0, 1, 1, 1])
@@ -102,8 +102,8 @@ def test_knn_vote_is_weighted():
 
 def test_knn_top1_on_digits(digits):
     from pretrain.data import build_eval_stream
-    from pretrain.engine.evaluate import eval_config
-    from pretrain.engine.knn import knn_top1
+    from pretrain.evaluation.evaluate import eval_config
+    from pretrain.evaluation.knn import knn_top1
     from pretrain.models import create_model
 
     torch.manual_seed(0)

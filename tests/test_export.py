@@ -39,7 +39,7 @@ def make_run(run_dir: str, stage: int, mae: bool, steps: int = 3) -> None:
     import deepspeed
 
     from pretrain import dist
-    from pretrain.engine.export import fixed_input
+    from pretrain.weights import fixed_input
 
     d = dist.setup()
     torch.manual_seed(0)
@@ -74,7 +74,8 @@ def check_export(run_dir: Path, mae: bool) -> None:
     import timm
     from safetensors.torch import load_file
 
-    from pretrain.engine.export import export, fixed_input
+    from pretrain.export import export
+    from pretrain.weights import fixed_input
 
     result = export(str(run_dir), out=str(run_dir / "out" / "model.safetensors"))
     assert result["max_abs_diff"] <= 1e-5
@@ -118,7 +119,7 @@ def test_export_two_processes(tmp_path, stage):
 
 
 def test_mismatch_is_an_error():
-    from pretrain.engine.export import ExportMismatch, check_outputs
+    from pretrain.export import check_outputs, ExportMismatch
     from pretrain.models import create_model
 
     a = create_model("vit_nano_patch4_16", num_classes=3).eval()
@@ -158,7 +159,8 @@ if __name__ == "__main__":  # a torchrun worker of test_export_two_processes
 @pytest.mark.parametrize("kind", ["classifier", "mae"])
 def test_hf_format(tmp_path, kind):
     transformers = pytest.importorskip("transformers")  # optional extra `hf`
-    from pretrain.engine.export import export, fixed_input
+    from pretrain.export import export
+    from pretrain.weights import fixed_input
 
     mae = kind == "mae"
     make_run(str(tmp_path), 2, mae)

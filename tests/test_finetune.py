@@ -7,7 +7,9 @@ import torch
 
 import pretrain  # noqa: F401  (timm import fix-up)
 from pretrain.config import load_config
-from pretrain.engine.export import build_timm, encoder_state, save_exported, timm_spec
+from pretrain.engine.consolidate import encoder_state
+from pretrain.models.timm_spec import timm_spec
+from pretrain.weights import build_timm, save_exported
 from pretrain.models import create_model
 
 
@@ -158,8 +160,9 @@ def _train_export_eval(cli, d, kind, name, *extra):
     val = _last_val(run_dir)
     # export and score in-process (the CLIs are covered by test_export / test_eval): plain timm from the file
     from pretrain.data import build_eval_stream
-    from pretrain.engine.evaluate import eval_config, evaluate
-    from pretrain.engine.export import export, load_exported
+    from pretrain.evaluation.evaluate import eval_config, evaluate
+    from pretrain.export import export
+    from pretrain.weights import load_exported
 
     export(str(run_dir), out=str(d / f"{name}.safetensors"))
     state, meta = load_exported(str(d / f"{name}.safetensors"))
@@ -178,9 +181,9 @@ def test_finetune_run_beats_chance_and_exports(digits16, cli):
     assert ev["n"] == val["val/n"] == 359
     assert ev["top1"] == pytest.approx(val["val/top1"], abs=1e-9)
     assert ev["loss"] == pytest.approx(val["val/loss"], rel=1e-4)
-    from pretrain.engine.export import export
+    from pretrain.export import export
 
-    from pretrain.engine.export import load_exported
+    from pretrain.weights import load_exported
 
     export(str(digits16 / "runs" / "ft"), out=str(digits16 / "ft_ema.safetensors"), ema=True)
     ema, raw = load_exported(str(digits16 / "ft_ema.safetensors"))[0], load_exported(str(digits16 / "ft.safetensors"))[0]

@@ -39,7 +39,7 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def encoder_file(shards, tmp_path_factory):
     """An MAE encoder, exported: what fine-tuning starts from."""
-    from pretrain.engine.export import export
+    from pretrain.export import export
 
     out = tmp_path_factory.mktemp("mae")
     _fit(_cfg("mae", shards, out, "run.name=mae", "optim.max_steps=2"))
@@ -127,7 +127,8 @@ def test_checkpoint_resume_gives_the_same_losses(shards, tmp_path, precision):
 
 @pytest.mark.parametrize("precision,tol", [("bf16", 1e-4), ("bf16_ds", 5e-2)])
 def test_export_after_bf16_training_gives_the_trained_logits(shards, tmp_path, precision, tol):
-    from pretrain.engine.export import build_timm, export, load_exported
+    from pretrain.export import export
+    from pretrain.weights import build_timm, load_exported
 
     trainer, result = _fit(_cfg("supervised", shards, tmp_path, "deepspeed.zero_stage=2", "optim.max_steps=6",
                                 *PRECISIONS[precision]))

@@ -8,7 +8,7 @@ import yaml
 from PIL import Image
 
 from conftest import metrics_rows, run_cli
-from pretrain.engine.report import LINE, layout, ticks
+from pretrain.viz.report import layout, LINE, ticks
 from pretrain.errors import UserError
 from pretrain.quickstart import STAGES, quickstart, table
 

@@ -90,7 +90,7 @@ def _kill9_at(cmd: list[str], run_dir: Path, step: int) -> None:
 
 @pytest.mark.parametrize("recipe", sorted(CELLS))
 def test_kill9_resume_is_exact(recipe, data, tmp_path):
-    from pretrain.engine.export import consolidate
+    from pretrain.engine.consolidate import consolidate
 
     stage, extra = CELLS[recipe]
     kill_at = random.Random(recipe).randint(4, STEPS - 2)  # after the first checkpoint (step 3)

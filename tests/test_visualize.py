@@ -10,10 +10,12 @@ from PIL import Image, ImageDraw
 from conftest import run_cli
 from pretrain.config import load_config
 from pretrain.data.writer import write_shards
-from pretrain.engine.export import (build_timm, consolidate, encoder_state, export, reference_model, save_exported,
-                                    timm_spec)
+from pretrain.engine.consolidate import consolidate, encoder_state
+from pretrain.export import export, reference_model
+from pretrain.models.timm_spec import timm_spec
+from pretrain.weights import build_timm, save_exported
 from pretrain.engine.trainer import train
-from pretrain.engine.visualize import PANEL, attention, layout, load_image, load_model, visualize
+from pretrain.viz.visualize import attention, layout, load_image, load_model, PANEL, visualize
 from pretrain.models import create_model
 
 REPO = Path(__file__).resolve().parent.parent

@@ -87,7 +87,7 @@ def worker(args) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from pretrain.dist import _free_port
+    from pretrain.dist import free_port
 
     variants = [v for v in args.zero_variants.split(",") if v]
     results = {}
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         for v in variants:
             result = f"{tmp}/{v}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                   "127.0.0.1", "--master_port", str(_free_port()), "-m", "pretrain.bench.zero", "--variant", v,
+                   "127.0.0.1", "--master_port", str(free_port()), "-m", "pretrain.bench.zero", "--variant", v,
                    "--arch", args.zero_arch, "--img-size", str(args.zero_img_size), "--batch", str(args.zero_batch),
                    "--steps", str(steps), "--out-dir", f"{tmp}/{v}", "--result", result]
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

@@ -16,7 +16,7 @@ from typing import Optional, Union
 import braceexpand
 import fsspec
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _dirname(url: str) -> str:
 
 def remote_error(url: str, e: BaseException) -> Optional[str]:
     """What went wrong reaching an object store, and what to do, in one line; None if `e` is not that."""
-    name, text = type(e).__name__, str(e).splitlines()[0] if str(e) else ""
+    name, text = type(e).__name__, first_line(e) if str(e).strip() else ""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
     if name in ("NoCredentialsError", "PartialCredentialsError") or "Unable to locate credentials" in text:
         return (f"{url!r}: no credentials for the object store; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "

@@ -10,9 +10,7 @@ are reported by name and skipped.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import functools
 import io
 import json
 import logging
@@ -26,177 +24,16 @@ import numpy as np
 from PIL import Image
 
 from pretrain.data.index import remote_error
+from pretrain.data.sources import generated_image, item_bytes, source_items
 from pretrain.errors import UserError
+from pretrain.fs import is_local
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"}
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as-is; others are re-encoded
-SYNTHETIC_CLASSES = 10
-SYNTHETIC_SIDE = 32
-
-
-# ----------------------------------------------------------------------------- sources
-# An item is a picklable tuple (kind, ref, label); `_prepare` turns it into (ext, bytes) in a worker.
-
-
-def _label_table(raw: list[str]) -> tuple[list[int], list[str]]:
-    """Labels as given (ints or class names) -> (indices, class names); '' = unlabelled (-1)."""
-    given = [r for r in raw if r != ""]
-    if not given:
-        return [-1] * len(raw), []
-    if all(r.lstrip("-").isdigit() for r in given):
-        ints = [int(r) if r != "" else -1 for r in raw]
-        if any(i < 0 for i, r in zip(ints, raw) if r != ""):
-            raise UserError(f"negative label {min(ints)} in the source list; labels must be >= 0")
-        return ints, [str(i) for i in range(max(ints) + 1)]
-    classes = sorted(set(given))
-    pos = {c: i for i, c in enumerate(classes)}
-    return [pos[r] if r != "" else -1 for r in raw], classes
-
-
-def _folder_items(root: str) -> tuple[list[tuple], list[str]]:
-    fs, path = fsspec.core.url_to_fs(root)
-    if not fs.isdir(path):
-        raise UserError(f"source {root!r} is not a folder, a .csv/.jsonl/.parquet file, 'digits' or 'synthetic:N'")
-    path = path.rstrip("/")
-    files = sorted(p for p in fs.find(path) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
-    if not files:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {root!r}")
-    rels = [p[len(path) + 1:] for p in files]
-    labelled = all("/" in r for r in rels)
-    raw = [r.split("/", 1)[0] if labelled else "" for r in rels]
-    if labelled:  # folder names are class names, even when they look like numbers
-        classes = sorted(set(raw))
-        pos = {c: i for i, c in enumerate(classes)}
-        labels = [pos[r] for r in raw]
-    else:
-        labels, classes = [-1] * len(raw), []
-    local = "file" in (fs.protocol if isinstance(fs.protocol, (list, tuple)) else [fs.protocol])
-    urls = [p if local else fs.unstrip_protocol(p) for p in files]
-    return [("file", u, lab) for u, lab in zip(urls, labels)], classes
-
-
-def _list_items(source: str) -> tuple[list[tuple], list[str]]:
-    base = source.rsplit("/", 1)[0] if "/" in source else "."
-    try:
-        with fsspec.open(source, "r") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UserError(f"source list not found: {source!r}") from None
-    rows: list[tuple[str, str]] = []
-    if source.endswith(".jsonl"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append((str(obj["path"]), "" if obj.get("label") is None else str(obj["label"])))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{source}:{n}: expected a JSON object with 'path' (and 'label')") from None
-    else:
-        for n, row in enumerate(csv.reader(io.StringIO(text)), 1):
-            if not row or not row[0].strip():
-                continue
-            if n == 1 and row[0].strip().lower() == "path":
-                continue  # header
-            rows.append((row[0].strip(), row[1].strip() if len(row) > 1 else ""))
-    if not rows:
-        raise UserError(f"source list {source!r} names no files")
-    labels, classes = _label_table([r[1] for r in rows])
-    paths = [p if ("://" in p or p.startswith("/")) else f"{base}/{p}" for p, _ in rows]
-    return [("file", p, lab) for p, lab in zip(paths, labels)], classes
-
-
-def _parquet_items(source: str) -> tuple[list[tuple], list[str]]:
-    """Rows of Parquet files (one file or a glob), the Hugging Face datasets layout: an `image` column of
-    {bytes, path} structs (or plain bytes) and an optional `label` column; ClassLabel names, when the
-    file's `huggingface` metadata has them, become the class names."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError("Parquet sources need pyarrow: pip install 'vit-pretrain[parquet]'") from None
-    fs, path = fsspec.core.url_to_fs(source)
-    files = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
-    if not files or not all(fs.exists(f) for f in files):
-        raise UserError(f"source {source!r}: no such Parquet file")
-    items, raw, classes = [], [], None
-    for f in files:
-        url = fs.unstrip_protocol(f)
-        with fs.open(f, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            names = pf.schema_arrow.names
-            image_col = "image" if "image" in names else "img" if "img" in names else None
-            if image_col is None:
-                raise UserError(f"{url}: no 'image' column (columns: {', '.join(names)}); expected the Hugging "
-                                "Face datasets layout, image.bytes + label")
-            label_col = next((c for c in ("label", "labels", "cls") if c in names), None)
-            hf = json.loads((pf.schema_arrow.metadata or {}).get(b"huggingface", b"{}"))
-            feat = hf.get("info", {}).get("features", {}).get(label_col or "", {})
-            if feat.get("names"):
-                classes = classes or [str(c) for c in feat["names"]]
-            for rg in range(pf.num_row_groups):
-                n = pf.metadata.row_group(rg).num_rows
-                labs = (pf.read_row_group(rg, columns=[label_col]).column(0).to_pylist() if label_col
-                        else [None] * n)
-                items += [("parquet", (url, rg, i, image_col), -1) for i in range(n)]
-                raw += ["" if v is None else str(v) for v in labs]
-    if not items:
-        raise UserError(f"source {source!r} holds no rows")
-    if classes is not None:
-        labels = [int(r) if r != "" else -1 for r in raw]
-    else:
-        labels, classes = _label_table(raw)
-    return [(k, ref, lab) for (k, ref, _), lab in zip(items, labels)], classes
-
-
-def _source_items(source: str, seed: int) -> tuple[list[tuple], list[str]]:
-    if source == "digits":
-        from sklearn.datasets import load_digits
-
-        target = load_digits().target
-        return [("digits", i, int(t)) for i, t in enumerate(target)], [str(i) for i in range(10)]
-    if source.startswith("synthetic:"):
-        try:
-            n = int(source.split(":", 1)[1])
-            assert n > 0
-        except (ValueError, AssertionError):
-            raise UserError(f"source {source!r}: expected synthetic:N with N a positive integer") from None
-        labels = np.random.default_rng([seed, 1]).integers(0, SYNTHETIC_CLASSES, n)
-        return [("synthetic", (seed, i), int(labels[i])) for i in range(n)], [str(i) for i in range(SYNTHETIC_CLASSES)]
-    if source.endswith((".csv", ".jsonl")):
-        return _list_items(source)
-    if source.endswith(".parquet"):
-        return _parquet_items(source)
-    return _folder_items(source)
 
 
 # ----------------------------------------------------------------------------- per-item work (in workers)
-
-_DIGITS = None
-
-
-def _synthetic_image(seed: int, i: int, label: int) -> Image.Image:
-    """Stripes whose angle and colour depend on the class, with random phase, frequency jitter and noise."""
-    rng = np.random.default_rng([seed, 2, i])
-    s = SYNTHETIC_SIDE
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
-    angle = np.pi * label / SYNTHETIC_CLASSES + rng.normal(0, 0.05)
-    freq = 3.0 + rng.uniform(-0.5, 0.5)
-    wave = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
-    hue = np.array([np.cos(label), np.cos(label + 2.1), np.cos(label + 4.2)], dtype=np.float32)
-    img = 128 + 60 * wave[..., None] * hue + rng.normal(0, 12, (s, s, 3))
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-
-
-@functools.lru_cache(maxsize=8)
-def _parquet_cells(url: str, row_group: int, column: str) -> list:
-    """One row group's image bytes (a worker keeps the last few: items arrive shuffled across the corpus)."""
-    import pyarrow.parquet as pq
-
-    with fsspec.open(url, "rb") as f:
-        col = pq.ParquetFile(f).read_row_group(row_group, columns=[column]).column(0).to_pylist()
-    return [v.get("bytes") if isinstance(v, dict) else v for v in col]
 
 
 def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
@@ -211,22 +48,12 @@ def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
 def _prepare(job: tuple) -> tuple[Optional[str], Optional[bytes], str]:
     """(ext, payload, '') for a good item, or (None, None, reason) for an unreadable one."""
     (kind, ref, label), max_side, quality = job
-    global _DIGITS
-    if kind == "digits":
-        if _DIGITS is None:
-            from sklearn.datasets import load_digits
-
-            _DIGITS = load_digits().images  # (1797, 8, 8) floats in 0..16
-        grey = np.clip(np.round(_DIGITS[ref] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-        return "png", _encode(Image.fromarray(grey, "L"), "PNG", quality), ""
-    if kind == "synthetic":
-        return "jpg", _encode(_synthetic_image(ref[0], ref[1], label), "JPEG", quality), ""
+    generated = generated_image(kind, ref, label)
+    if generated is not None:  # digits as lossless grey PNG, synthetic stripes as JPEG
+        fmt = "PNG" if generated.mode == "L" else "JPEG"
+        return ("png" if fmt == "PNG" else "jpg"), _encode(generated, fmt, quality), ""
     try:
-        if kind == "parquet":
-            data = _parquet_cells(ref[0], ref[1], ref[3])[ref[2]]
-        else:
-            with fsspec.open(ref, "rb") as f:
-                data = f.read()
+        data = item_bytes(kind, ref)
     except Exception as e:  # noqa: BLE001  reported and skipped, by name
         return None, None, f"cannot read ({type(e).__name__}: {e})"
     if not data:
@@ -253,10 +80,6 @@ def _prepare(job: tuple) -> tuple[Optional[str], Optional[bytes], str]:
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def _is_local_fs(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, (list, tuple)) else [fs.protocol])
 
 
 TAR_MTIME = 0.0
@@ -410,7 +233,7 @@ def write_shards(source: str, out_dir: str, *, samples_per_shard: int = 5000, ma
         raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if not 1 <= quality <= 100:
         raise UserError(f"--quality {quality}: must be in 1..100")
-    items, classes = _source_items(source, seed)
+    items, classes = source_items(source, seed)
     order = np.random.default_rng([seed, 0]).permutation(len(items))
     items = [items[i] for i in order]
     n_val = int(round(len(items) * val_fraction))
@@ -418,7 +241,7 @@ def write_shards(source: str, out_dir: str, *, samples_per_shard: int = 5000, ma
     if n_val:
         splits["val"] = items[:n_val]
     fs, root = fsspec.core.url_to_fs(out_dir)
-    if _is_local_fs(fs):  # object stores have no folders; s3fs's makedirs would create a mistyped bucket
+    if is_local(fs):  # object stores have no folders; s3fs's makedirs would create a mistyped bucket
         fs.makedirs(root, exist_ok=True)
     out = out_dir.rstrip("/")
     skipped: list = []

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain.errors import UserError
+from pretrain.engine.trust import check_torch_file, check_torch_files
+from pretrain.errors import UserError, first_line
+from pretrain.fs import is_local
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 ASIDE_RE = re.compile(r"^step_\d{8}\.(tmp|old)-[0-9a-f]+$")
@@ -42,14 +44,10 @@ def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _fs(path: str):
-    fs, root = fsspec.core.url_to_fs(path)
-    return fs, root
-
 
 def read_latest(ckpt_dir: str) -> str | None:
     """The newest complete tag in `ckpt_dir`, or None."""
-    fs, root = _fs(ckpt_dir)
+    fs, root = fsspec.core.url_to_fs(ckpt_dir)
     latest = f"{root}/latest"
     if not fs.exists(latest):
         return None
@@ -58,7 +56,7 @@ def read_latest(ckpt_dir: str) -> str | None:
 
 
 def read_meta(ckpt_dir: str, tag: str) -> dict:
-    fs, root = _fs(ckpt_dir)
+    fs, root = fsspec.core.url_to_fs(ckpt_dir)
     path = f"{root}/{tag}/meta.json"
     try:
         return json.loads(fs.cat_file(path))
@@ -68,7 +66,7 @@ def read_meta(ckpt_dir: str, tag: str) -> dict:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    fs, p = _fs(path)
+    fs, p = fsspec.core.url_to_fs(path)
     tmp = f"{p}.tmp{os.getpid()}"
     with fs.open(tmp, "w") as f:
         f.write(text)
@@ -119,7 +117,7 @@ def _nonce(world_size: int) -> str:
 def _fsync(fs, *paths: str) -> None:
     """Flush local files or folders to disk (object stores need nothing: a PUT is whole or absent).
     fsspec has no fsync, hence os."""
-    if "file" not in fs.protocol and "local" not in fs.protocol:
+    if not is_local(fs):
         return
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
@@ -130,7 +128,7 @@ def _fsync(fs, *paths: str) -> None:
 
 
 def _fsync_tree(fs, path: str) -> None:
-    if "file" in fs.protocol or "local" in fs.protocol:
+    if is_local(fs):
         walk = list(os.walk(path))
         _fsync(fs, *(os.path.join(d, n) for d, _, names in walk for n in names), *(d for d, _, _ in walk))
 
@@ -156,14 +154,14 @@ def save(engine, ckpt_dir: str, step: int, client: dict, *, rank: int, world_siz
         engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=client, save_latest=False)
     except Exception as e:  # torch's zip writer says "unexpected pos" for a full disk: name the folder and the room
         raise RuntimeError(f"writing checkpoint {ckpt_dir}/{tmp_tag} failed ({_free_space(ckpt_dir)}): "
-                           f"{type(e).__name__}: {_first_line(e)}") from e
+                           f"{type(e).__name__}: {first_line(e)}") from e
     if world_size > 1:
         dist.barrier()
     if rank == 0:
         meta = {"tag": tag, "uid": f"{tag}-{nonce}", "step": step, "world_size": world_size,
                 "zero_stage": engine.zero_optimization_stage(), "epoch": client.get("epoch"),
                 "samples_seen": client.get("samples_seen")}
-        fs, root = _fs(ckpt_dir)
+        fs, root = fsspec.core.url_to_fs(ckpt_dir)
         with fs.open(f"{root}/{tmp_tag}/meta.json", "w") as f:
             json.dump(meta, f)
         _fsync_tree(fs, f"{root}/{tmp_tag}")
@@ -181,7 +179,7 @@ def save(engine, ckpt_dir: str, step: int, client: dict, *, rank: int, world_siz
 def prune(ckpt_dir: str, keep: int) -> None:
     """Delete all but the newest `keep` complete tags (never the one `latest` names), their universal
     conversions, and the leftovers of crashed saves (`*.tmp-*`, `*.old-*`). Rank 0, between saves."""
-    fs, root = _fs(ckpt_dir)
+    fs, root = fsspec.core.url_to_fs(ckpt_dir)
     latest = read_latest(ckpt_dir)
     entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     tags = sorted(t for t in entries if TAG_RE.match(t) and t <= (latest or ""))
@@ -264,7 +262,7 @@ def _warn(msg: str) -> None:
 def _complete(ckpt_dir: str, warn: bool) -> list[ResumePoint]:
     """The folder's complete checkpoints, newest first: tags up to `latest` (all tags when `latest` is
     missing or unreadable: a tag folder exists only once complete) whose meta.json reads."""
-    fs, root = _fs(ckpt_dir)
+    fs, root = fsspec.core.url_to_fs(ckpt_dir)
     if not fs.exists(root):
         return []
     try:
@@ -296,7 +294,7 @@ def resume_points(resume: str, ckpt_dir: str, *, rank: int = 0) -> tuple[list[Re
     if resume == "auto":
         return _complete(ckpt_dir, warn=rank == 0), True
     path = resume.rstrip("/")
-    fs, root = _fs(path)
+    fs, root = fsspec.core.url_to_fs(path)
     if fs.exists(f"{root}/latest"):  # a checkpoints/ folder
         tag = read_latest(path)
         if tag:
@@ -306,43 +304,6 @@ def resume_points(resume: str, ckpt_dir: str, *, rank: int = 0) -> tuple[list[Re
         return [ResumePoint(parent, tag, read_meta(parent, tag))], False
     raise UserError(f"config key checkpoint.resume: {resume!r} is not a checkpoint folder (no latest or "
                     "meta.json there); use auto, never, or a path like RUN/checkpoints/step_00001000")
-
-
-TRUSTED_GLOBALS = frozenset({
-    # what our own checkpoints pickle besides tensors and containers: the data loader's numpy RNG state
-    # (numpy 1 and 2 spell it differently) and DeepSpeed's optimizer metadata
-    "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
-    "deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
-})
-"""Names a checkpoint's pickle may call on load. DeepSpeed loads its files with torch.load(weights_only=False),
-so any other name (os.system, a foreign class) is refused before DeepSpeed or we unpickle the file."""
-
-
-def check_torch_file(path: str) -> None:
-    """Refuse a torch file whose pickle calls anything but tensors, containers and TRUSTED_GLOBALS,
-    read from the pickle's opcodes without running it; an unreadable file is named. UserError either way."""
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as e:  # noqa: BLE001  not a zip, truncated, empty: torch raises several types
-        raise UserError(f"{path} is unreadable: {type(e).__name__}: {_first_line(e)}") from None
-    foreign = sorted(set(names) - TRUSTED_GLOBALS)
-    if foreign:
-        raise UserError(f"{path} is not a checkpoint vit-pretrain wrote: its pickle calls {', '.join(foreign[:3])} "
-                        "on load, which could run any code; refusing to load it. Use checkpoints of your own "
-                        "runs, or weights as .safetensors")
-
-
-def check_torch_files(folder: str, context: str) -> None:
-    """check_torch_file on each torch file of a local tag folder; a refusal says `context` first."""
-    if os.path.isdir(folder):
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".pt"):
-                try:
-                    check_torch_file(os.path.join(folder, name))
-                except UserError as e:
-                    raise UserError(f"{context}: {e}") from None
 
 
 def _unreadable_file(folder: str) -> str | None:
@@ -366,7 +327,7 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
     except Exception as e:  # noqa: BLE001  torch.load, pickle and DeepSpeed raise many types for a bad file
         bad = getattr(e, "filename", None) or _unreadable_file(os.path.join(ckpt_dir, tag))
         where = f"{bad} is unreadable: " if bad else ""
-        what = _first_line(e)
+        what = first_line(e)
         if "Error(s) in loading state_dict" in what:  # the reason is on the next lines: keep the first
             detail = " ".join(ln.strip() for ln in str(e).strip().splitlines()[1:2])
             what = (f"{what} {detail[:300]}{'...' if len(detail) > 300 else ''}; it holds another model than "
@@ -376,10 +337,6 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
         raise UserError(f"could not load checkpoint {ckpt_dir}/{tag}: DeepSpeed found nothing there")
     return client or {}
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_resume(engine, points: list[ResumePoint], fallback: bool, *, rank: int, world_size: int,

@@ -25,12 +25,13 @@ from pretrain import dist as pdist
 from pretrain import rng
 from pretrain.config import Config, load_config, split_config_args, to_yaml
 from pretrain.engine import checkpoint as ckpt
+from pretrain.engine.consolidate import load_source
 from pretrain.engine.ds import initialize, resolve_device, resolve_precision
 from pretrain.engine.metrics import MetricsLogger, peak_flops
 from pretrain.engine.schedule import build_schedule, peak_lr
 from pretrain.errors import EXIT_PEER_FAILED, EXIT_REQUEUE, UserError
 from pretrain.models import model_kwargs, num_params
-from pretrain.tasks import build_task
+from pretrain.tasks import build_task, task_class
 
 EXIT_NONFINITE = 1
 FAULT_ENV = "VIT_PRETRAIN_FAULT"
@@ -157,7 +158,8 @@ class Trainer:
         self.schedule = build_schedule(cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps)
 
         rng.seed_all(cfg.run.seed)  # identical initial weights on every rank (each step reseeds: rng.py)
-        self.task = build_task(cfg, self.num_classes)
+        pretrained = load_source(cfg.finetune.init_from) if task_class(cfg.task.kind).needs_pretrained else None
+        self.task = build_task(cfg, self.num_classes, pretrained)
         self.task.rank = self.rank
 
         if self.rank == 0:
@@ -481,7 +483,7 @@ class Trainer:
         if not self.cfg.data.val_urls or not hasattr(self.module, "predict"):
             return None
         from pretrain.data import build_eval_stream
-        from pretrain.engine.evaluate import evaluate
+        from pretrain.evaluation.evaluate import evaluate
 
         d = self.cfg.data
 
@@ -501,7 +503,7 @@ class Trainer:
     def _knn(self) -> None:
         """k-NN top-1 of the encoder's features (eval.knn_*), logged as knn/top1."""
         from pretrain.data import build_eval_stream
-        from pretrain.engine.knn import knn_top1
+        from pretrain.evaluation.knn import knn_top1
 
         e, d = self.cfg.eval, self.cfg.data
         with self._gathered():  # no autocast: the k-NN vote itself is fp32
@@ -513,7 +515,7 @@ class Trainer:
         self.log.scalars(self.step, "knn", {"top1": top1})
 
     def _images(self) -> None:
-        from pretrain.engine.visuals import attention_grid, mae_grid
+        from pretrain.viz.tensorboard import attention_grid, mae_grid
 
         if self.fixed_images is None:
             return

@@ -15,6 +15,8 @@ A Task is the `torch.nn.Module` that DeepSpeed wraps. Contract (the engine, expo
   may carry `lr_scale`, which the engine's schedule multiplies in.
 - `predict(images) -> logits` for classification tasks (eval, metrics); absent for MAE.
 - `flops_per_image() -> float`: forward FLOPs of one training image (the engine's MFU estimate).
+- `needs_pretrained`: when true, the constructor takes a third argument, (timm-keyed weights, export
+  meta) of `finetune.init_from`, which the engine loads (tasks import neither engine nor export).
 - optional `external_params() -> list[Parameter]`: parameters read outside their own module's forward
   (MAE reads the encoder's tokens and position embeddings directly); ZeRO-3 gathers them with the
   Task's forward.
@@ -31,7 +33,15 @@ TASKS = {
 }
 
 
-def build_task(cfg, num_classes: int):
-    """The Task module for `cfg.task.kind`, its encoder built from `cfg.model` with `num_classes` outputs."""
-    module, cls = TASKS[cfg.task.kind].split(":")
-    return getattr(importlib.import_module(module), cls)(cfg, num_classes)
+def task_class(kind: str) -> type:
+    """The Task class of a `task.kind`."""
+    module, cls = TASKS[kind].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_task(cfg, num_classes: int, pretrained: tuple[dict, dict] | None = None):
+    """The Task module for `cfg.task.kind`, its encoder built from `cfg.model` with `num_classes` outputs.
+    `pretrained`: (timm-keyed weights, export meta) for a Task whose `needs_pretrained` is true (the
+    caller loads `finetune.init_from`; tasks read no files)."""
+    cls = task_class(cfg.task.kind)
+    return cls(cfg, num_classes, pretrained) if cls.needs_pretrained else cls(cfg, num_classes)

@@ -1,4 +1,4 @@
-"""Fine-tuning: a pretrained encoder (exported file or run directory) with a fresh head, the MAE/BEiT
+"""Fine-tuning: a pretrained encoder (the engine loads `finetune.init_from` and hands its weights in) with a fresh head, the MAE/BEiT
 recipe: layer-wise lr decay (timm's helper), drop path, label smoothing, optional weight EMA.
 Mixup/CutMix and RandAugment come from the engine and the data stream (task.* and data.auto_augment)."""
 from __future__ import annotations
@@ -12,25 +12,18 @@ from pretrain.models import load_weights
 from pretrain.tasks.supervised import SupervisedTask
 
 
-def load_pretrained(encoder: torch.nn.Module, source: str) -> dict:
-    """Load `source` (exported .safetensors or run dir) into `encoder`, keeping its fresh head; position
-    embeddings (and patch embedding) are resampled to the encoder's grid. Returns the source's meta."""
-    from pretrain.engine.export import load_source
-
-    state, meta = load_source(source)
-    load_weights(encoder, state, new_head=True)
-    return meta
-
-
 class FinetuneTask(SupervisedTask):
     """`encoder` is the pretrained timm ViT with a new head of `num_classes` outputs."""
 
-    def __init__(self, cfg, num_classes: int):
+    needs_pretrained = True
+
+    def __init__(self, cfg, num_classes: int, pretrained: tuple[dict, dict]):
         if num_classes <= 0:
             raise UserError(f"task.kind={cfg.task.kind} needs labelled shards: the training index names no "
                             "classes (set model.num_classes or write shards with labels)")
         super().__init__(cfg, num_classes)
-        self.source_meta = load_pretrained(self.encoder, cfg.finetune.init_from)
+        state, self.source_meta = pretrained
+        load_weights(self.encoder, state, new_head=True)  # positions resampled to this grid
         with torch.no_grad():  # MAE's fine-tune head init: tiny weights, zero bias
             torch.nn.init.trunc_normal_(self.encoder.head.weight, std=2e-5)
             torch.nn.init.zeros_(self.encoder.head.bias)

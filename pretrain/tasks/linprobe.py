@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from pretrain.errors import UserError
-from pretrain.models import create_model, model_kwargs
-from pretrain.tasks.finetune import load_pretrained
+from pretrain.models import create_model, load_weights, model_kwargs
 from pretrain.tasks.supervised import SupervisedTask
 
 
@@ -17,13 +16,16 @@ class LinprobeTask(SupervisedTask):
     it into the head and the exported file is a plain timm ViT.
     """
 
-    def __init__(self, cfg, num_classes: int):
+    needs_pretrained = True
+
+    def __init__(self, cfg, num_classes: int, pretrained: tuple[dict, dict]):
         torch.nn.Module.__init__(self)  # the supervised objective, predict and FLOPs; our own encoder
         if num_classes <= 0:
             raise UserError("task.kind=linprobe needs labelled shards: the training index names no classes")
         kwargs = dict(model_kwargs(cfg.model, num_classes), drop_path_rate=0.0, patch_drop_rate=0.0)
         self.encoder = create_model(cfg.model.arch, **kwargs)
-        self.source_meta = load_pretrained(self.encoder, cfg.finetune.init_from)
+        state, self.source_meta = pretrained
+        load_weights(self.encoder, state, new_head=True)
         self.encoder.requires_grad_(False)
         self.encoder.head.requires_grad_(True)
         with torch.no_grad():

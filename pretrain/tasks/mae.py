@@ -24,6 +24,8 @@ def mask_noise(seed: int, step: int, rank: int, batch: int, num_patches: int, de
 class MaeTask(MaskedAutoencoder):
     """`encoder.*` is the timm ViT (num_classes=0); `decoder_*` and `mask_token` are the decoder."""
 
+    needs_pretrained = False
+
     def __init__(self, cfg, num_classes: int = 0):
         m = cfg.mae
         encoder = create_model(cfg.model.arch, **model_kwargs(cfg.model, 0))

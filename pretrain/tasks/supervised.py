@@ -24,6 +24,8 @@ def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class SupervisedTask(torch.nn.Module):
     """`encoder` is a timm ViT with its classifier head."""
 
+    needs_pretrained = False
+
     def __init__(self, cfg, num_classes: int):
         super().__init__()
         self.encoder = create_model(cfg.model.arch, **model_kwargs(cfg.model, num_classes))

@@ -5,10 +5,8 @@ a model that pools the mean of its patch tokens, of the mean patch query) in the
 averaged over heads, the attention rollout over all blocks (Abnar & Zuidema, 2020), and, for an MAE run
 directory (whose checkpoint keeps the decoder), the masked input and its reconstruction.
 
-The image is prepared as eval prepares it (the exported model's input size, eval crop and normalisation).
-Attention probabilities come from timm's own Attention modules run unfused (`fused_attn=False`): the
-fused SDPA kernel never materialises them, the unfused path hands them to `attn_drop`, where a hook reads
-them. Drawing uses PIL (always installed), so the layout is exact to the pixel and `layout()` tells
+The image is prepared as eval prepares it (the exported model's input size, eval crop and normalisation);
+the maps come from viz/attention.py, as TensorBoard's and the quickstart report's do. Drawing uses PIL (always installed), so the layout is exact to the pixel and `layout()` tells
 where each panel lies.
 """
 from __future__ import annotations
@@ -24,8 +22,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from pretrain.engine.visuals import unfused_attention
+from pretrain.engine.consolidate import consolidate, exported
 from pretrain.errors import UserError
+from pretrain.models.timm_spec import timm_spec
+from pretrain.viz.attention import attention, pooled_query
+from pretrain.weights import build_timm, load_exported
 
 PANEL = 320  # panel side in pixels: a 14x14 grid keeps ~23 px per patch, room for its number
 CAPTION = 22  # caption strip under each panel
@@ -50,37 +51,38 @@ class Loaded:
 
 def load_model(weights: str | None, arch: str | None = None) -> Loaded:
     """An exported `.safetensors` (+ its JSON), a run directory, or (weights None) a random `arch`."""
-    from pretrain.engine.export import _fs, build_timm, consolidate, export_state, load_exported, timm_spec
-
     if weights is None:
-        from pretrain.models import create_model
-
-        arch = arch or "vit_base_patch16_224"
-        torch.manual_seed(0)
-        encoder = create_model(arch, num_classes=0).eval()
-        name, kwargs = timm_spec(arch, {"num_classes": 0})
-        meta = {"timm_name": name, "timm_kwargs": kwargs, "arch": arch, "num_classes": 0, "class_names": [],
-                "task": "", "mean": None, "std": None, "eval_crop_pct": None}
-        return Loaded(encoder, meta, f"random init ({arch}, seed 0)")
+        return _random_init(arch or "vit_base_patch16_224")
     if arch is not None:
         raise UserError(f"--arch {arch} is for a random init: the weights {weights!r} name their own architecture")
-    fs, path = _fs(weights)
+    fs, path = fsspec.core.url_to_fs(weights)
     if not fs.exists(path):
         raise UserError(f"weights not found: {weights!r} (an exported .safetensors file or a run directory)")
     if not fs.isdir(path):
         state, meta = load_exported(weights)
         return Loaded(build_timm(meta, state), meta, weights)
-    state, meta = export_state(weights)
+    module_state, tag = consolidate(weights)  # once: the encoder's export and, for MAE, the whole task
+    state, meta = exported(weights, module_state, tag)
     if meta.get("task") != "mae":
         return Loaded(build_timm(meta, state), meta, weights)
     # an MAE run: rebuild the whole task from the run's config so the decoder can reconstruct
     from pretrain.config import load_config
     from pretrain.tasks import build_task
 
-    module_state, _ = consolidate(weights, meta["tag"])
     task = build_task(load_config(f"{weights.rstrip('/')}/config.yaml"), 0)
     task.load_state_dict(module_state, strict=True)
     return Loaded(task.encoder.eval(), meta, weights, mae=task.eval())
+
+
+def _random_init(arch: str) -> Loaded:
+    from pretrain.models import create_model
+
+    torch.manual_seed(0)
+    encoder = create_model(arch, num_classes=0).eval()
+    name, kwargs = timm_spec(arch, {"num_classes": 0})
+    meta = {"timm_name": name, "timm_kwargs": kwargs, "arch": arch, "num_classes": 0, "class_names": [],
+            "task": "", "mean": None, "std": None, "eval_crop_pct": None}
+    return Loaded(encoder, meta, f"random init ({arch}, seed 0)")
 
 
 # ----------------------------------------------------------------------------- image
@@ -97,7 +99,7 @@ def read_image(url: str) -> bytes:
 def load_image(url: str, meta: dict[str, Any], data: bytes | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """(the eval crop as uint8 (S, S, 3), the normalised model input (1, C, S, S)) of any image file."""
     from pretrain.data.transforms import BadSample, Decoder
-    from pretrain.engine.evaluate import eval_config
+    from pretrain.evaluation.evaluate import eval_config
 
     cfg = eval_config(meta, 1, 0)
     data = read_image(url) if data is None else data
@@ -115,40 +117,6 @@ def load_image(url: str, meta: dict[str, Any], data: bytes | None = None) -> tup
 
 
 # ----------------------------------------------------------------------------- attention
-
-
-def pooled_query(encoder) -> str:
-    """Which query the head reads: 'class token', or 'mean patch query' for average pooling."""
-    if getattr(encoder, "cls_token", None) is not None and getattr(encoder, "global_pool", "token") == "token":
-        return "class token"
-    return "mean patch query"
-
-
-@torch.no_grad()
-def attention(encoder, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Attention to every patch of image x (1, C, H, W): per head in the last block (h, gh, gw),
-    their mean (gh, gw), and the rollout over all blocks (gh, gw); and the logits when the model has a head."""
-    with unfused_attention(encoder) as probs:
-        logits = encoder(x)
-    prefix = encoder.num_prefix_tokens
-    gh, gw = encoder.patch_embed.grid_size
-    cls = pooled_query(encoder) == "class token"
-
-    def query(a: torch.Tensor) -> torch.Tensor:  # (..., N, N) -> (..., L): the pooled query's row over patches
-        row = a[..., 0, :] if cls else a[..., prefix:, :].mean(-2)
-        return row[..., prefix:]
-
-    last = probs[-1][0]  # (h, N, N)
-    heads = query(last).reshape(-1, gh, gw)
-    # rollout: average the heads, add the residual path (identity), renormalise rows, multiply through depth
-    n = last.shape[-1]
-    eye = torch.eye(n)
-    rollout = eye
-    for a in probs:
-        a = a[0].mean(0) + eye  # (N, N)
-        rollout = (a / a.sum(-1, keepdim=True)) @ rollout
-    return {"heads": heads, "mean": heads.mean(0), "rollout": query(rollout).reshape(gh, gw),
-            "logits": logits[0] if logits.ndim == 2 and logits.shape[-1] > 0 and encoder.num_classes else None}
 
 
 @torch.no_grad()
@@ -305,7 +273,7 @@ def visualize(images: list[str], weights: str | None, out_dir: str, arch: str | 
         maps = attention(loaded.encoder, x)
         mae_images = None
         if loaded.mae is not None:
-            from pretrain.engine.evaluate import eval_config
+            from pretrain.evaluation.evaluate import eval_config
 
             d = eval_config(loaded.meta, 1, 0).data
             mae_images = reconstruct(loaded.mae, x, mean or d.mean, std or d.std)

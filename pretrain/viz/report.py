@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pretrain.engine.visualize import (Loaded, attention, font, heat, load_model, patch_grid, pooled_query,
-                                       reconstruct, save_png, scaled)
 from pretrain.errors import UserError
+from pretrain.viz.attention import attention, pooled_query
+from pretrain.viz.visualize import Loaded, font, heat, load_model, patch_grid, reconstruct, save_png, scaled
 
 CELL = 128  # an image panel: a 32-px digit at 4x, one sharp block per pixel
 GAP = 10
@@ -128,7 +128,7 @@ def held_out_images(val: str, meta: dict, n: int) -> tuple[torch.Tensor, list[in
     """The first held-out image of each class, up to n, in class order: (uint8 (n, C, S, S) as eval
     prepares them for this model, labels, the split's class names)."""
     from pretrain.data import build_eval_stream
-    from pretrain.engine.evaluate import eval_config
+    from pretrain.evaluation.evaluate import eval_config
 
     stream = build_eval_stream(val, eval_config(meta, batch_size=64, workers=0), 0, 1)
     first: dict[int, torch.Tensor] = {}
@@ -144,7 +144,7 @@ def held_out_images(val: str, meta: dict, n: int) -> tuple[torch.Tensor, list[in
 def _inputs(loaded: Loaded, images: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple]:
     """(normalised model inputs (n, C, S, S), mean, std) of eval-prepared uint8 images."""
     from pretrain.data import normalize
-    from pretrain.engine.evaluate import eval_config
+    from pretrain.evaluation.evaluate import eval_config
 
     d = eval_config(loaded.meta, 1, 0).data
     return normalize(images, d.mean, d.std), d.mean, d.std

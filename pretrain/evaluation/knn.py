@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pretrain.engine.evaluate import IMAGENET_MEAN, IMAGENET_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 @torch.no_grad()
@@ -73,7 +73,7 @@ def knn_classify(train_f, train_y, val_f, k: int, temperature: float, num_classe
 
 
 def knn_top1(encoder: torch.nn.Module, train_stream, val_stream, k: int, temperature: float, device,
-             *, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float32) -> float:
+             *, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, dtype: torch.dtype = torch.float32) -> float:
     """Top-1 accuracy (fraction in [0, 1]) of the weighted k-NN classifier, over all ranks' val samples."""
     was_training = encoder.training
     encoder.eval()

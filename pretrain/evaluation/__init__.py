@@ -1,0 +1,1 @@
+"""Evaluation after (and during) training: top-1/top-5 on labelled shards, and the k-NN monitor."""
