@@ -15,7 +15,8 @@ from pretrain.export import export, reference_model
 from pretrain.models.timm_spec import timm_spec
 from pretrain.weights import build_timm, save_exported
 from pretrain.engine.trainer import train
-from pretrain.viz.visualize import attention, layout, load_image, load_model, PANEL, visualize
+from pretrain.viz.attention import attention
+from pretrain.viz.visualize import PANEL, layout, load_image, load_model, visualize
 from pretrain.models import create_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,3 +133,33 @@ def test_attention_capture_leaves_the_forward_unchanged_with_registers_and_qk_no
     assert [blk.attn.fused_attn for blk in model.blocks] == before  # restored
     assert not any(blk.attn.attn_drop._forward_hooks for blk in model.blocks)
     assert maps["heads"].shape == (2, 4, 4) and maps["rollout"].shape == (4, 4)  # registers are not patches
+
+
+@pytest.mark.parametrize("kwargs", [dict(global_pool="avg"), dict(class_token=False, reg_tokens=2, global_pool="avg")],
+                         ids=["mean-pooled", "registers-no-class-token"])
+def test_tensorboard_and_visualize_draw_the_same_map(kwargs):
+    """TensorBoard's attention picture reads the query the head reads (the mean patch query here), as
+    `visualize` does: its overlay, read back pixel by pixel, is visualize's last-block mean map, and not
+    the first prefix token's row (what it drew before: the class token's, or a register's)."""
+    import timm
+
+    from pretrain.viz.tensorboard import attention_grid
+
+    torch.manual_seed(0)
+    enc = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                            num_classes=0, **kwargs).eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1  # normalised with mean = std = 0.5: images in [0, 1], no clamping
+    grid = attention_grid(enc, x, (0.5,) * 3, (0.5,) * 3)  # (3, 34, 67): image tile, then overlay tile
+    image, overlay = grid[0, 1:33, 1:33], grid[0, 1:33, 34:66]
+    heat = ((overlay - 0.4 * image) / 0.6)[4::8, 4::8]  # red channel; one value per 8-px patch: (4, 4)
+    mean = attention(enc, x)["mean"]
+    want = (mean - mean.min()) / (mean.max() - mean.min())
+    torch.testing.assert_close(heat, want, atol=2e-3, rtol=0)
+    # the row the old picture drew (token 0: the class token, or the first register) is another map
+    from pretrain.viz.attention import unfused_attention
+
+    with unfused_attention(enc) as probs, torch.no_grad():
+        enc.forward_features(x)
+    first = probs[-1][0, :, 0, enc.num_prefix_tokens:].mean(0).reshape(4, 4)
+    first = (first - first.min()) / (first.max() - first.min())
+    assert (first - want).abs().max() > 0.05
