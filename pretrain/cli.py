@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from pretrain.errors import EXIT_USER_ERROR, UserError
+
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "shards": ("pretrain.data.writer", "write WebDataset shards from an image folder, CSV/JSONL, Parquet, digits or synthetic:N"),
@@ -42,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line, pointing at --help (not the usage block)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pretrain.errors import UserError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] in COMMANDS:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         except ModuleNotFoundError as e:
             if e.name and e.name.startswith("pretrain"):
                 print(f"vit-pretrain: error: '{name}' is not available in this build ({e.name})", file=sys.stderr)
-                return 2
+                return EXIT_USER_ERROR
             raise
         module.add_arguments(sub)
         args = sub.parse_args(argv[1:])
@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             return int(module.run(args) or 0)
         except UserError as e:
             print(f"vit-pretrain {name}: error: {e}", file=sys.stderr)
-            return 2
+            return EXIT_USER_ERROR
         except KeyboardInterrupt:
             return 130
     parser.parse_args(argv)  # prints usage / help, exits 2 on an unknown command
-    return 2
+    return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
-"""Bad config, no shards matched, unreadable checkpoint: one line on stderr, no traceback."""
+"""Bad config, no shards matched, unreadable checkpoint: one line on stderr, no traceback (argparse's status too)."""
 EXIT_REQUEUE = 75
 """The trainer checkpointed on SIGTERM/SIGUSR1 and stopped early: launch scripts requeue the job (EX_TEMPFAIL)."""
 EXIT_PEER_FAILED = 3

@@ -16,7 +16,7 @@ from launch_fixtures import ALLREDUCE_SCRIPT, base_env, parse_allreduce
 def test_single_process():
     d = resolve({})
     assert (d.rank, d.world_size, d.local_rank, d.launcher) == (0, 1, 0, "single")
-    assert d.is_main and 1 <= d.master_port <= 65535
+    assert d.rank == 0 and 1 <= d.master_port <= 65535
 
 
 def test_single_process_keeps_given_port():

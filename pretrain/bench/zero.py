@@ -50,8 +50,7 @@ def worker(args) -> None:
     from pretrain.bench.step import bench_config, build_baseline, build_ours, synthetic_batch
 
     env = pdist.setup()
-    device = (torch.device("cuda", pdist.device_index(env.local_rank, torch.cuda.device_count()))
-              if torch.cuda.is_available() else torch.device("cpu"))
+    device = pdist.rank_device(env.local_rank)
     images, labels = synthetic_batch(args.batch, args.img_size, 10, seed=env.rank)
     stage = 0 if args.variant == "ddp" else int(args.variant[-1])
     cfg = bench_config(args.arch, args.img_size, args.batch, stage, "supervised", args.out_dir)

@@ -13,9 +13,9 @@ $VIT_PRETRAIN_HEARTBEAT_TIMEOUT seconds. docs/reliability.md has the measured fi
 
 Modules: `env` (the resolver), `rendezvous` (setup), `watchdog` (the watchdog, abort, teardown).
 """
-from pretrain.dist.env import DistEnv, device_index, export_env, free_port, resolve
+from pretrain.dist.env import DistEnv, device_index, export_env, free_port, rank_device, resolve
 from pretrain.dist.rendezvous import RendezvousError, gloo_interface, setup
-from pretrain.dist.watchdog import abort, teardown
+from pretrain.dist.watchdog import abort, run_guarded, teardown
 
 __all__ = ["DistEnv", "RendezvousError", "abort", "device_index", "export_env", "free_port", "gloo_interface",
-           "resolve", "setup", "teardown"]
+           "rank_device", "resolve", "run_guarded", "setup", "teardown"]

@@ -24,10 +24,6 @@ class DistEnv:
     launcher: str  # "single" | "torchrun" | "deepspeed" | "slurm"
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
     def where(self) -> str:
         return f"rank {self.rank}/{self.world_size} ({self.launcher}) at {self.master_addr}:{self.master_port}"
 
@@ -172,6 +168,18 @@ def device_index(local_rank: int, visible: int) -> int:
     shown = f" (CUDA_VISIBLE_DEVICES={cvd})" if cvd is not None else ""
     raise UserError(f"local rank {local_rank} has no GPU of its own: {visible} GPUs are visible{shown}; start at "
                     f"most {visible} processes per node, or bind one GPU per task (srun --gpus-per-task=1)")
+
+
+def rank_device(local_rank: int, want: str = "auto"):
+    """This rank's torch device: the CPU, or its CUDA device by `device_index`. `want`: auto (CUDA when
+    visible), cpu or cuda (an error when none is visible), as `run.device` says."""
+    import torch
+
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("config key run.device: got 'cuda' but no CUDA device is visible; use run.device=auto or cpu")
+    if want == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import traceback
+from typing import Callable
 
 from pretrain.dist.env import DistEnv
 from pretrain.errors import EXIT_PEER_FAILED, first_line
@@ -164,6 +165,18 @@ def abort(e: BaseException) -> bool:
     if not first:
         time.sleep(PEER_EXIT_DELAY_S)
     return first
+
+
+def run_guarded(body: Callable[[], int]) -> int:
+    """A command's body with the error path every command shares: an exception says which rank failed and
+    ends the peers at once (`abort`), then propagates; a rank that only followed a peer's failure exits
+    with EXIT_PEER_FAILED and no traceback of its own."""
+    try:
+        return body()
+    except BaseException as e:
+        if not abort(e):
+            return EXIT_PEER_FAILED
+        raise
 
 
 def teardown() -> None:

@@ -20,17 +20,6 @@ class Precision:
     # DeepSpeed's optimizer; otherwise (bf16_mode=autocast) params, grads and their reduction stay fp32
 
 
-def resolve_device(run_cfg, local_rank: int = 0) -> torch.device:
-    """CPU, or the CUDA device of `local_rank` by the one rule in `pretrain.dist.device_index`."""
-    from pretrain.dist import device_index
-
-    if run_cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("config key run.device: got 'cuda' but no CUDA device is visible; use run.device=auto or cpu")
-    if run_cfg.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
-
-
 def resolve_precision(ds_cfg, device: torch.device) -> Precision:
     name = ds_cfg.precision
     if name == "auto":

@@ -26,7 +26,7 @@ from pretrain import rng
 from pretrain.config import Config, load_config, split_config_args, to_yaml
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.consolidate import load_source
-from pretrain.engine.ds import initialize, resolve_device, resolve_precision
+from pretrain.engine.ds import initialize, resolve_precision
 from pretrain.engine.metrics import MetricsLogger, peak_flops
 from pretrain.engine.schedule import build_schedule, peak_lr
 from pretrain.errors import EXIT_PEER_FAILED, EXIT_REQUEUE, UserError
@@ -128,7 +128,7 @@ class Trainer:
 
         self.cfg, self.env, self.stop = cfg, env, stop
         self.rank, self.world = env.rank, env.world_size
-        self.device = resolve_device(cfg.run, env.local_rank)
+        self.device = pdist.rank_device(env.local_rank, cfg.run.device)
         self.precision = resolve_precision(cfg.deepspeed, self.device)
         if cfg.task.kind == "finetune" and cfg.finetune.ema_decay > 0 and self.precision.input_dtype != torch.float32:
             raise UserError(f"config key finetune.ema_decay: a weight EMA needs fp32 weights, but deepspeed.precision="

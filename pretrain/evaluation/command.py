@@ -6,9 +6,7 @@ import contextlib
 import json
 import sys
 
-import torch
-
-from pretrain.errors import EXIT_PEER_FAILED, UserError
+from pretrain.errors import UserError
 from pretrain.evaluation.evaluate import eval_config, evaluate
 
 
@@ -23,12 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pretrain import dist as pdist
 
-    try:
-        return _evaluate_weights(args)
-    except BaseException as e:
-        if not pdist.abort(e):  # says which rank failed and ends the peers now (see pretrain.dist)
-            return EXIT_PEER_FAILED
-        raise
+    return pdist.run_guarded(lambda: _evaluate_weights(args))
 
 
 def _evaluate_weights(args: argparse.Namespace) -> int:
@@ -45,8 +38,7 @@ def _evaluate_weights(args: argparse.Namespace) -> int:
     if env.world_size > 1:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's op-build chatter: stdout is the JSON
             pdist.setup()
-    device = (torch.device("cuda", pdist.device_index(env.local_rank, torch.cuda.device_count()))
-              if torch.cuda.is_available() else torch.device("cpu"))
+    device = pdist.rank_device(env.local_rank)
     state, meta = load_source(args.weights)
     if not meta["timm_kwargs"].get("num_classes"):
         raise UserError(f"{args.weights} has no classifier head (an MAE encoder?): fine-tune or linear-probe "
