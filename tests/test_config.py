@@ -1,4 +1,6 @@
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -153,3 +155,12 @@ def test_cli_prints_resolved_yaml(cli):
     assert set(tree) == {f.name for f in dataclasses.fields(Config)}
     assert to_dict(load_config(None, ["model.depth=6", "data.batch_size=8"])) == tree
 
+
+def test_config_command_imports_neither_torch_nor_timm():
+    """`vit-pretrain config` (and `import pretrain`) stay light: config is a leaf and models' table of
+    architectures imports no torch."""
+    code = ("import sys, pretrain; from pretrain.cli import main; main(['config', 'configs/default.yaml']); "
+            "print('heavy:', [m for m in ('torch', 'timm') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "heavy: []", r.stdout.splitlines()[-1]

@@ -10,6 +10,8 @@ import math
 from typing import Any
 
 import torch
+
+import pretrain._compat  # noqa: F401  before timm: makes it importable on a CPU-only torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
