@@ -33,9 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pretrain.config import load_config, split_config_args, to_yaml
+    from pretrain.models.archs import check_model_config
 
     config, overrides = split_config_args(args.config, args.overrides)
     cfg = load_config(config, overrides)
+    check_model_config(cfg.model, cfg.task.kind)
     sys.stdout.write(to_yaml(cfg))
     return 0
 

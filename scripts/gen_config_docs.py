@@ -1,4 +1,4 @@
-"""Regenerate configs/default.yaml and docs/config.md from pretrain/config.py."""
+"""Regenerate configs/default.yaml and docs/config.md from pretrain/config/schema.py."""
 from pathlib import Path
 
 from pretrain.config import render_default_yaml, render_reference_md

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import pretrain  # noqa: F401  the torchvision fix must run before any test module imports timm
+import pretrain._compat  # noqa: F401  the torchvision fix must run before any test module imports timm
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

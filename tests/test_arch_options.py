@@ -18,6 +18,7 @@ from pretrain.export import export, reference_model
 from pretrain.weights import fixed_input
 from pretrain.engine.trainer import train
 from pretrain.errors import UserError
+from pretrain.models.archs import check_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -199,23 +200,30 @@ def test_patch_dropout_keeps_prefix_tokens_and_follows_the_step_seed(rope):
     assert seen[-1] == 2 + 16  # no dropout at evaluation
 
 
+def _load_checked(overrides: list[str]):
+    """Load, then check the architecture the model section names, as a run's entry point does."""
+    cfg = load_config(None, overrides)
+    check_model_config(cfg.model, cfg.task.kind)
+    return cfg
+
+
 def test_unsound_combinations_are_user_errors():
     with pytest.raises(UserError, match=r"model.patch_drop_rate: got 0.5, is for supervised.*mae.mask_ratio"):
-        load_config(None, ["task.kind=mae", "model.patch_drop_rate=0.5"])
+        _load_checked(["task.kind=mae", "model.patch_drop_rate=0.5"])
     with pytest.raises(UserError, match=r"model.conv_stem.*masked pixels.*model.conv_stem=false"):
-        load_config(None, ["task.kind=mae", "model.conv_stem=true"])
+        _load_checked(["task.kind=mae", "model.conv_stem=true"])
     with pytest.raises(UserError, match=r"model.rope.*conv_stem"):
-        load_config(None, ["model.conv_stem=true", "model.rope=true"])
+        _load_checked(["model.conv_stem=true", "model.rope=true"])
     with pytest.raises(UserError, match=r"model.mlp: got 'swiglu'.*conv_stem"):
-        load_config(None, ["model.conv_stem=true", "model.mlp=swiglu"])
+        _load_checked(["model.conv_stem=true", "model.mlp=swiglu"])
     with pytest.raises(UserError, match=r"model.patch_size: got 6.*multiple of 4"):
-        load_config(None, ["model.conv_stem=true", "model.patch_size=6", "model.img_size=24"])
+        _load_checked(["model.conv_stem=true", "model.patch_size=6", "model.img_size=24"])
     with pytest.raises(UserError, match=r"model.patch_drop_rate: got 1.0"):
-        load_config(None, ["model.patch_drop_rate=1.0"])
+        _load_checked(["model.patch_drop_rate=1.0"])
     with pytest.raises(UserError, match=r"model.pos_embed"):
-        load_config(None, ["model.pos_embed=rope"])
+        _load_checked(["model.pos_embed=rope"])
     with pytest.raises(UserError, match=r"model.mlp_ratio: got 5.333, gives an odd SwiGLU width \(1023"):
-        load_config(None, ["model.mlp=swiglu", "model.mlp_ratio=5.333", "model.arch=vit_tiny_patch16_224"])
+        _load_checked(["model.mlp=swiglu", "model.mlp_ratio=5.333", "model.arch=vit_tiny_patch16_224"])
 
 
 @pytest.mark.parametrize("name", ["vit_nano_patch4_reg4_ls_16", "vit_nano_patch4_rope_swiglu_16"])

@@ -1,10 +1,13 @@
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from pretrain.config import (Config, field_docs, load_config, render_default_yaml, render_reference_md, to_dict)
 from pretrain.errors import UserError
+from pretrain.models.archs import check_model_config
 from tests.conftest import REPO
 
 
@@ -61,6 +64,7 @@ def test_shipped_configs_all_resolve():
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         cfg = load_config(str(path))
         assert isinstance(cfg, Config), path
+        check_model_config(cfg.model, cfg.task.kind)
 
 
 def test_deepspeed_extra_passes_dicts_whole(tmp_path):
@@ -74,15 +78,12 @@ BAD = [
     (["optim.lr_per_256=abc"], "optim.lr_per_256"),
     (["mae.mask_ratio=1.5"], "mae.mask_ratio"),
     (["mae.mask_ratio=0"], "mae.mask_ratio"),
-    (["model.img_size=225"], "model.img_size"),
-    (["model.num_heads=5"], "model.num_heads"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["deepspeed.precision=fp8"], "deepspeed.precision"),
     (["data.batch_size=0"], "data.batch_size"),
     (["data.batch_size=2.5"], "data.batch_size"),
     (["data.workers=true"], "data.workers"),
     (["task.kind=dino"], "task.kind"),
-    (["model.arch=vit_gigantic"], "model.arch"),
     (["optim.betas=[0.9]"], "optim.betas"),
     (["data.crop_scale=[0.5, 0.2]"], "data.crop_scale"),
     (["deepspeed.offload_params=true"], "deepspeed.offload_params"),
@@ -99,6 +100,24 @@ BAD = [
 def test_malformed_overrides_name_the_key(overrides, key):
     with pytest.raises(UserError) as e:
         load_config(None, overrides)
+    assert key in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+# the architecture the model section names: checked by models (the CLI's `config` and `train` after loading)
+ARCH_BAD = [
+    (["model.img_size=225"], "model.img_size"),
+    (["model.num_heads=5"], "model.num_heads"),
+    (["model.arch=vit_gigantic"], "model.arch"),
+    (["model.depth=0"], "model.depth"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", ARCH_BAD, ids=[b[0][0] for b in ARCH_BAD])
+def test_unsound_architectures_name_the_key(overrides, key):
+    cfg = load_config(None, overrides)
+    with pytest.raises(UserError) as e:
+        check_model_config(cfg.model, cfg.task.kind)
     assert key in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -135,3 +154,13 @@ def test_cli_prints_resolved_yaml(cli):
     assert tree["model"]["depth"] == 6 and tree["data"]["batch_size"] == 8
     assert set(tree) == {f.name for f in dataclasses.fields(Config)}
     assert to_dict(load_config(None, ["model.depth=6", "data.batch_size=8"])) == tree
+
+
+def test_config_command_imports_neither_torch_nor_timm():
+    """`vit-pretrain config` (and `import pretrain`) stay light: config is a leaf and models' table of
+    architectures imports no torch."""
+    code = ("import sys, pretrain; from pretrain.cli import main; main(['config', 'configs/default.yaml']); "
+            "print('heavy:', [m for m in ('torch', 'timm') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "heavy: []", r.stdout.splitlines()[-1]

@@ -41,8 +41,6 @@ RULES = {
     "pretrain/evaluation": ("pretrain.cli", "pretrain.quickstart"),
 }
 KNOWN = {
-    # validation resolves the architecture with timm (moves to a torch-free table in models/)
-    ("pretrain/config.py", "pretrain.models"),
     # the decoders' input size comes from the architecture (the stream is to take it as an argument)
     ("pretrain/data/stream.py", "pretrain.models.vit"),
 }
@@ -82,8 +80,11 @@ def _crossings() -> set[tuple[str, str]]:
     for part, banned in RULES.items():
         files = _files(part)
         assert files, part
+        own = part.removesuffix(".py").replace("/", ".")  # a package's modules import each other freely
         for path in files:
             for module in _imports(path):
+                if module == own or module.startswith(own + "."):
+                    continue
                 if any(module == b or module.startswith(b + ".") for b in banned):
                     found.add((str(path.relative_to(REPO)), module))
     # a `from pretrain.x import y` counts once, by its module
@@ -103,3 +104,54 @@ def test_the_reader_sees_every_import_form(tmp_path):
                     "    from ..tasks import mae\n")
     got = _imports(path, package="pretrain.data")
     assert {"pretrain.models", "pretrain.engine.trainer", "pretrain.tasks.mae"} <= got
+
+
+def _timm_and_shim_lines(path) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(line, scope) of each timm or torchvision import and of each `pretrain._compat` import in `path`;
+    scope is the enclosing function's name ('' at module level)."""
+    timm, shim = [], []
+
+    def visit(node, scope):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else scope
+            names = []
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom) and not child.level:
+                names = [child.module or ""]
+            if any(n.split(".")[0] in ("timm", "torchvision") for n in names):
+                timm.append((child.lineno, scope))
+            if "pretrain._compat" in names:
+                shim.append((child.lineno, scope))
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text()), "")
+    return timm, shim
+
+
+def test_timm_is_imported_after_the_torchvision_shim():
+    """torchvision, and timm with it, fail to import on a CPU-only torch unless `pretrain._compat` ran first
+    (its docstring), and `import pretrain` does not run it (it stays light): every module that imports
+    either imports the shim before, itself (at module level or earlier in the same function) or through
+    its package's `__init__`."""
+    exempt = {
+        "pretrain/_compat.py": "the shim itself",
+        # a leaf (it imports nothing of ours): its one timm import runs in build_timm, whose callers
+        # (export, eval, visualize, quickstart) have imported the shim through engine or evaluation
+        "pretrain/weights.py": "a leaf",
+    }
+    unshimmed = []
+    for path in sorted((REPO / "pretrain").rglob("*.py")):
+        rel = str(path.relative_to(REPO))
+        timm, shim = _timm_and_shim_lines(path)
+        if not timm or rel in exempt:
+            continue
+        parts = path.relative_to(REPO).parts  # packages below `pretrain` (whose __init__ must stay light)
+        packages = [REPO.joinpath(*parts[:n], "__init__.py") for n in range(2, len(parts))]
+        if any(p != path and any(scope == "" for _, scope in _timm_and_shim_lines(p)[1]) for p in packages):
+            continue
+        for line, scope in timm:
+            if not any(s_line < line and s_scope in ("", scope) for s_line, s_scope in shim):
+                unshimmed.append(f"{rel}:{line}")
+    assert not unshimmed, f"timm or torchvision imported before `import pretrain._compat`: {unshimmed}"
+

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def timm_style_loop(arch: str, images, labels, device):
     """timm benchmark.py's train step: timm model, bf16 autocast, SGD, CE; channels-last off (ViT)."""
+    import pretrain._compat  # noqa: F401  before timm: makes it importable on a CPU-only torch
     import timm
 
     model = timm.create_model(arch, num_classes=1000).to(device).train()

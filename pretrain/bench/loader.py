@@ -161,6 +161,8 @@ def _timm_wds(shards: str, args):
     """timm's WebDataset reader (`create_dataset("wds/...")`, reading the `_info.json` our writer leaves)
     with the same uint8 augmentation, batched by the DataLoader."""
     import torch
+
+    import pretrain._compat  # noqa: F401  before timm: makes it importable on a CPU-only torch
     from timm.data import create_dataset
 
     ds = create_dataset("wds/bench", root=shards, split="train", is_training=True, batch_size=args.loader_batch)

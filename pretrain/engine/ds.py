@@ -3,11 +3,11 @@ the optimizer (torch AdamW, fused on CUDA; DeepSpeed's own Adams by choice or fo
 `deepspeed.initialize`."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
+from pretrain.config import deep_merge
 from pretrain.errors import UserError
 
 
@@ -36,15 +36,6 @@ def resolve_precision(ds_cfg, device: torch.device) -> Precision:
     if name == "fp16":
         return Precision("fp16", None, torch.float16)
     return Precision("fp32", None, torch.float32)
-
-
-def _merge(dst: dict, src: dict) -> dict:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = copy.deepcopy(v)
-    return dst
 
 
 def bucket_elements(configured: int, num_params: int, hidden: int) -> int:
@@ -94,7 +85,7 @@ def build_ds_config(cfg, world_size: int, precision: Precision, *, load_universa
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": load_universal},
     }
-    return _merge(out, z.extra)
+    return deep_merge(out, z.extra)
 
 
 def guarded(optimizer_cls):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+import pretrain._compat  # noqa: F401  before timm: makes it importable on a CPU-only torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pretrain.models.vit import ARCHS, CONV_STEM_STRIDE, TIMM_NAMES, eva_kwargs
+from pretrain.models.archs import ARCHS, CONV_STEM_STRIDE, TIMM_NAMES
+from pretrain.models.vit import eva_kwargs
 
 
 # Arguments of timm's VisionTransformer that define the inference architecture (drop path is a

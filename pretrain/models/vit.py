@@ -10,99 +10,25 @@ import math
 from typing import Any
 
 import torch
+
+import pretrain._compat  # noqa: F401  before timm: makes it importable on a CPU-only torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from pretrain.errors import UserError
-
-# name -> (embed_dim, depth, num_heads, patch_size, img_size); mlp_ratio 4 throughout, as in timm.
-_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
-          "large": (1024, 24, 16), "huge": (1280, 32, 16)}
-_VARIANTS = [
-    ("tiny", 16, 224), ("tiny", 16, 384),
-    ("small", 8, 224), ("small", 16, 224), ("small", 16, 384), ("small", 32, 224),
-    ("base", 8, 224), ("base", 16, 224), ("base", 16, 384), ("base", 32, 224), ("base", 32, 384),
-    ("large", 16, 224), ("large", 16, 384), ("large", 32, 224),
-    ("huge", 14, 224),
-]
-ARCHS: dict[str, dict[str, Any]] = {
-    f"vit_{size}_patch{patch}_{img}": dict(
-        embed_dim=_SIZES[size][0], depth=_SIZES[size][1], num_heads=_SIZES[size][2],
-        mlp_ratio=4.0, patch_size=patch, img_size=img)
-    for size, patch, img in _VARIANTS
-}
-# Small models for CPU runs, tests and the quickstart (not timm names; timm builds them from the
-# exported arguments all the same).
-ARCHS["vit_micro_patch4_32"] = dict(embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, patch_size=4, img_size=32)
-ARCHS["vit_nano_patch4_16"] = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=4, img_size=16)
-
-TIMM_NAMES = {f"vit_{size}_patch{patch}_{img}" for size, patch, img in _VARIANTS}
-
-# Named configurations: recipes' architectures with their options (not timm names; exports name timm's
-# factories as for any options). A config field left at its default keeps the name's value.
-_DINOV2_REG = dict(reg_tokens=4, init_values=1e-5)  # DINOv2 with registers (Darcet et al., 2023)
-_EVA02 = dict(mlp="swiglu", rope=True)  # EVA-02: SwiGLU MLP (hidden 8/3 x width) and 2-D RoPE
-for size in ("small", "base"):
-    d, depth, heads = _SIZES[size]
-    ARCHS[f"vit_{size}_patch14_reg4_ls_224"] = dict(
-        embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=4.0, patch_size=14, img_size=224, **_DINOV2_REG)
-    ARCHS[f"vit_{size}_patch14_rope_swiglu_224"] = dict(
-        embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=16 / 3, patch_size=14, img_size=224, **_EVA02)
-# their CPU twins, for tests and smoke runs (LayerScale at 0.1, as for small models)
-ARCHS["vit_nano_patch4_reg4_ls_16"] = dict(ARCHS["vit_nano_patch4_16"], reg_tokens=4, init_values=0.1)
-ARCHS["vit_nano_patch4_rope_swiglu_16"] = dict(ARCHS["vit_nano_patch4_16"], mlp_ratio=4.0, **_EVA02)
-
-
-def list_models() -> list[str]:
-    return sorted(ARCHS)
-
-
-def resolve_arch(model_cfg) -> dict[str, Any]:
-    """The architecture numbers for a ModelConfig: the registered ones with explicit fields on top."""
-    if model_cfg.arch not in ARCHS:
-        raise UserError(f"config key model.arch: unknown architecture {model_cfg.arch!r}; "
-                        f"registered: {', '.join(list_models())}")
-    arch = dict(ARCHS[model_cfg.arch])
-    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"):
-        value = getattr(model_cfg, key)
-        if value is not None:
-            arch[key] = value
-    return arch
-
-
-# Architecture options a ModelConfig passes to `create_model` (besides the numbers above); a registered
-# name may set them too (the named configurations below), and a config field left at its default keeps
-# the name's value.
-OPTION_DEFAULTS: dict[str, Any] = dict(
-    global_pool="token", pos_embed="learned", qkv_bias=True, reg_tokens=0, init_values=None, qk_norm=False,
-    mlp="gelu", rope=False, conv_stem=False, dynamic_img_size=False, drop_path_rate=0.0, patch_drop_rate=0.0,
-    grad_checkpointing=False)
-
-
-def model_kwargs(model_cfg, num_classes: int) -> dict[str, Any]:
-    """Keyword arguments of `create_model` for a ModelConfig and a resolved class count."""
-    arch = resolve_arch(model_cfg)
-    kwargs = dict(arch, num_classes=num_classes, in_chans=model_cfg.in_chans)
-    for key, default in OPTION_DEFAULTS.items():
-        value = getattr(model_cfg, key)
-        kwargs[key] = value if value != default or key not in arch else arch[key]
-    return kwargs
+from pretrain.models.archs import (  # noqa: F401  (the table's names, re-exported for callers of vit)
+    ARCHS, CONV_STEM_STRIDE, TIMM_NAMES, check_arch, list_models, model_kwargs, registered, resolve_arch,
+)
 
 
 def mlp_layers(mlp: str) -> dict[str, Any]:
     """timm's block MLP arguments for `model.mlp`: 'gelu' (timm's default) or 'swiglu' (SwiGLUPacked + SiLU,
     as timm's DINOv2 and EVA-02 registrations build it)."""
-    if mlp == "gelu":
+    if mlp != "swiglu":
         return {}
-    if mlp == "swiglu":
-        from timm.layers import SwiGLUPacked
+    from timm.layers import SwiGLUPacked
 
-        return {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU}
-    raise UserError(f"mlp must be 'gelu' or 'swiglu', got {mlp!r}")
-
-
-# The convolutional stem divides the image by 4 before the patch projection (stride-2 conv, stride-2 pool).
-CONV_STEM_STRIDE = 4
+    return {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU}
 
 
 def conv_stem_layers(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -114,9 +40,7 @@ def conv_stem_layers(kwargs: dict[str, Any]) -> dict[str, Any]:
     from timm.layers import HybridEmbed, StdConv2dSame
     from timm.models.resnetv2 import create_resnetv2_stem
 
-    patch = kwargs["patch_size"]
-    if patch % CONV_STEM_STRIDE:
-        raise UserError(f"conv_stem needs a patch_size that is a multiple of {CONV_STEM_STRIDE}, got {patch}")
+    patch = kwargs["patch_size"]  # a multiple of the stride (check_arch)
     stem = create_resnetv2_stem(kwargs.get("in_chans", 3), stem_type="same", preact=False,
                                 conv_layer=partial(StdConv2dSame, eps=1e-8))
     return {"embed_layer": partial(HybridEmbed, backbone=stem), "patch_size": patch // CONV_STEM_STRIDE}
@@ -129,8 +53,6 @@ def eva_kwargs(kwargs: dict[str, Any], pos_embed: str, mlp: str) -> dict[str, An
     `ref_feat_shape` is the model's own grid, so coordinates are the patch indices. SwiGLU is Eva's packed
     GluMlp, whose `mlp_ratio` counts one half: half of ours, so both give the same layer.
     """
-    if mlp not in ("gelu", "swiglu"):
-        raise UserError(f"mlp must be 'gelu' or 'swiglu', got {mlp!r}")
     out = dict(kwargs)
     out["num_reg_tokens"] = out.pop("reg_tokens", 0)
     out["use_abs_pos_emb"] = pos_embed != "none"
@@ -149,22 +71,17 @@ def create_model(name: str = "vit_base_patch16_224", **overrides) -> torch.nn.Mo
     Options beyond timm's VisionTransformer arguments: `pos_embed` ('learned', 'sincos': fixed 2-D sin-cos,
     frozen; 'none'), `mlp` ('gelu' or 'swiglu', a name for timm's MLP layer arguments), `rope` (timm's `Eva`
     with 2-D rotary embeddings instead of a VisionTransformer), `conv_stem` (timm's hybrid embedding) and
-    `grad_checkpointing`.
+    `grad_checkpointing`. The combination must pass `check_arch` (UserError naming the model.* key).
     """
-    if name not in ARCHS:
-        raise UserError(f"unknown architecture {name!r}; registered: {', '.join(list_models())}")
-    kwargs = dict(ARCHS[name], num_classes=1000, global_pool="token", qkv_bias=True)
+    kwargs = dict(registered(name), num_classes=1000, global_pool="token", qkv_bias=True)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    check_arch(kwargs)
     pos_embed = kwargs.pop("pos_embed", "learned")
     grad_ckpt = kwargs.pop("grad_checkpointing", False)
     rope = kwargs.pop("rope", False)
     conv_stem = kwargs.pop("conv_stem", False)
     mlp = kwargs.pop("mlp", "gelu")
-    if pos_embed not in ("learned", "sincos", "none"):
-        raise UserError(f"pos_embed must be 'learned', 'sincos' or 'none', got {pos_embed!r}")
     if rope:
-        if conv_stem:
-            raise UserError("rope and conv_stem cannot be combined: timm's Eva has no hybrid patch embedding")
         from timm.models.eva import Eva
 
         model = Eva(**eva_kwargs(kwargs, pos_embed, mlp))
@@ -266,5 +183,4 @@ def flops_per_image(model: VisionTransformer, tokens: int | None = None) -> floa
     return float(len(model.blocks) * block_flops(n, d, hidden) + patch + head)
 
 
-__all__ = ["ARCHS", "TIMM_NAMES", "create_model", "list_models", "resolve_arch", "model_kwargs",
-           "load_weights", "init_sincos_pos_embed", "num_params", "flops_per_image", "block_flops"]
+__all__ = ["create_model", "load_weights", "init_sincos_pos_embed", "num_params", "flops_per_image", "block_flops"]

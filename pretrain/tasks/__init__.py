@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import importlib
 
+import pretrain._compat  # noqa: F401  before any module here imports timm (importable on a CPU-only torch)
+
 TASKS = {
     "supervised": "pretrain.tasks.supervised:SupervisedTask",
     "mae": "pretrain.tasks.mae:MaeTask",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+import pretrain._compat  # noqa: F401  before torchvision: makes it importable on a CPU-only torch
 from torchvision.utils import make_grid
 
 from pretrain.viz.attention import last_block_maps
