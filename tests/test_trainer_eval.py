@@ -1,4 +1,4 @@
-"""The trainer evaluates with engine/evaluate.py's loop: unlabelled validation samples (label -1, as an
+"""The trainer evaluates with evaluation/evaluate.py's loop: unlabelled validation samples (label -1, as an
 index without class names gives for a sample without `.cls`) are left out, so they change no metric."""
 from __future__ import annotations
 
