@@ -85,7 +85,8 @@ def rank_startup(plan, counts: list[int], history: list, rank: int, old: bool) -
     short = layer.short_batches()
     for w in range(layer.layout.workers):
         v0, batches, slot = layer.slot(rank, w)
-        j, start, stop = plan.block_at(layer.blocks(batches), layer.consumed(w, history[-1][1]) * layer.layout.batch_size)
+        done = layer.consumed(w, history[-1][1]) * layer.layout.batch_size
+        j, start, stop = plan.block_at(layer.blocks(batches), done)
         need = np.sort(layer.block_perm(slot, j, stop - start))
         if old:
             ep.locate(plan.seg_points(layer.slot_segs(rank, w), need + start))
@@ -112,9 +113,10 @@ def child(spec: dict) -> None:
     samples, shards, _ = CORPORA[spec["corpus"]]
     counts = shard_counts(samples, shards)
     history = [(plan.Layout(**lay), n) for lay, n in spec["history"]]
+
     def stop(*_):
-        print(json.dumps({"timeout": spec["timeout"]}))
-        os._exit(0)
+        print(json.dumps({"timeout": spec["timeout"]}), flush=True)
+        os._exit(0)  # now, even inside the old plan's loops
 
     signal.signal(signal.SIGALRM, stop)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
