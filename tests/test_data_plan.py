@@ -1,18 +1,19 @@
 """The epoch layout arithmetic (pretrain/data/plan.py) against a direct simulation, over many layouts."""
+import hashlib
+
 import numpy as np
 import pytest
 
-from pretrain.data.plan import EpochPlan, Layout, block_starts, seg_points
+from pretrain.data.plan import EpochPlan, Layout, block_starts
 
 
 def worker_positions(layer, rank, worker):
     """(position, real) of the samples a worker yields, in order (what _TrainSlots reads); real is False
     for padding."""
     v0, _, _ = layer.slot(rank, worker)
-    segs = layer.slot_segs(rank, worker)
     out = []
     for _, order in layer.slot_order(rank, worker):
-        out += zip(seg_points(segs, order).tolist(), (v0 + order < layer.m).tolist())
+        out += zip(layer.points(v0 + order).tolist(), (v0 + order < layer.m).tolist())
     return out
 
 
@@ -89,3 +90,42 @@ def test_blocks_grow_from_one_batch_to_the_shuffle_block():
     assert list(np.diff(block_starts(250, 8, 100, ramp=False))) == [100, 100, 50]
     assert list(np.diff(block_starts(20, 64, 16))) == [16, 4]  # a block smaller than a batch never grows past it
     assert len(block_starts(0, 8, 100)) == 1
+
+
+def test_saved_states_keep_their_meaning():
+    """A state holds only layouts and batch counters, so the plan must map them to the samples it always did:
+    these chains (padding, accumulation, no ramp, resampled) yield what the plan that listed every remaining
+    segment yielded (its digest recorded at commit a80efb4), slot by slot, padding flags and ragged counts
+    included."""
+    chains = [  # (shard counts, resampled window, [(Layout args, batches handed out), ...])
+        ([37, 5, 19, 40, 2], 0, [((3, 2, 4, 7, 1), 4), ((2, 3, 5, 9, 2), 2), ((5, 1, 3, 6, 1), 0)]),
+        ([11, 30, 25], 90, [((2, 4, 2, 5, 3, True), 6), ((4, 2, 7, 4, 1, False), 1), ((1, 3, 4, 16, 2), 0)]),
+        ([64] * 6, 0, [((4, 3, 3, 8, 1, False), 9), ((3, 2, 5, 8, 1), 0)]),
+    ]
+    h = hashlib.sha256()
+    for counts, resampled, chain in chains:
+        history = [(Layout(*args), n) for args, n in chain]
+        for i in range(len(history)):
+            layer = EpochPlan(counts, seed=5, epoch=1, history=history[:i + 1], resampled_samples=resampled).layers[-1]
+            for r in range(layer.layout.world_size):
+                for w in range(layer.layout.workers):
+                    v0, _, _ = layer.slot(r, w)
+                    for _, order in layer.slot_order(r, w):
+                        h.update(layer.points(v0 + order).astype(np.int64).tobytes())
+                        h.update((v0 + order < layer.m).tobytes())
+            h.update(repr(sorted(layer.short_batches().items())).encode())
+    assert h.hexdigest()[:16] == "66c85338a4ff19b8"
+
+
+def test_a_rank_computes_only_the_blocks_its_slots_read():
+    """After a re-layout at scale the plan holds O(slots) integers: building it and locating one rank's first
+    blocks sorts out the untaken part of only the few old blocks those read (1,024 old slots here)."""
+    counts = [1000] * 500
+    half = EpochPlan(counts, 0, 0, [(Layout(128, 8, 32, 256), 0)]).layers[0].batches_per_rank // 2
+    plan = EpochPlan(counts, 0, 0, [(Layout(128, 8, 32, 256), half), (Layout(64, 4, 48, 256), 0)])
+    layer, rest = plan.layers[-1], plan.layers[-1].seq
+    assert len(rest.cum) == 128 * 8 + 1 and not rest._cache  # nothing per sample yet
+    v0, _, _ = layer.slot(5, 2)
+    got = layer.points(v0 + np.arange(256))
+    assert 0 < len(rest._cache) <= 3
+    assert len(np.unique(got)) == 256

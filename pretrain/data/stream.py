@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.index import ShardIndex, read_index
-from pretrain.data.plan import EpochPlan, Layout, block_at, seg_points
+from pretrain.data.plan import EpochPlan, Layout, block_at
 from pretrain.data.tario import ShardCursor
 from pretrain.data.transforms import BadSample, Decoder
 from pretrain.errors import UserError
@@ -163,7 +163,6 @@ class _TrainSlots(IterableDataset):
         w = ((info.id if info else 0) + self.n_start) % lay.workers
         v0, batches, slot = layer.slot(self.rank, w)
         done = layer.consumed(w, self.n_start)
-        segs = layer.slot_segs(self.rank, w)
         b, starts = lay.batch_size, layer.blocks(batches)
         length, pos, k = batches * b, done * b, done
         reader = _Reader(self.shards)
@@ -175,7 +174,7 @@ class _TrainSlots(IterableDataset):
                 j, start, stop = block_at(starts, pos)
                 perm = layer.block_perm(slot, j, stop - start)[pos - start:]  # the yielded part is skipped unread
                 need = np.sort(perm)
-                shard, intra = plan.locate(seg_points(segs, need + start))
+                shard, intra = plan.locate(layer.points(v0 + start + need))
                 got = {int(v): reader.get(int(sh), int(i)) for v, sh, i in zip(need, shard, intra)}
                 for v in perm:
                     pending.append(got.pop(int(v)))
