@@ -72,28 +72,24 @@ def _fresh(url: str) -> None:
 
 def held_out(weights: str, shards: str, workers: int) -> dict:
     """Top-1/top-5 of an exported file, loaded into plain timm, on the held-out split."""
-    from pretrain.data import build_eval_stream
-    from pretrain.evaluation.evaluate import eval_config, evaluate
+    from pretrain.evaluation.evaluate import eval_stream, evaluate
     from pretrain.weights import build_timm, load_exported
 
     state, meta = load_exported(weights)
-    cfg = eval_config(meta, batch_size=256, workers=workers)
-    stream = build_eval_stream(f"{shards}/val.json", cfg, 0, 1)
-    return evaluate(build_timm(meta, state), stream, "cpu", mean=cfg.data.mean, std=cfg.data.std)
+    stream = eval_stream(f"{shards}/val.json", meta, batch_size=256, workers=workers)
+    return evaluate(build_timm(meta, state), stream, "cpu", mean=stream.data.mean, std=stream.data.std)
 
 
 def knn_of(weights: str, shards: str, workers: int, k: int = 20, temperature: float = 0.07) -> float:
     """Weighted k-NN top-1 of an exported encoder's features (train split as memory, held-out queries)."""
-    from pretrain.data import build_eval_stream
-    from pretrain.evaluation.evaluate import eval_config
-    from pretrain.weights import build_timm, load_exported
+    from pretrain.evaluation.evaluate import eval_stream
     from pretrain.evaluation.knn import knn_top1
+    from pretrain.weights import build_timm, load_exported
 
     state, meta = load_exported(weights)
-    cfg = eval_config(meta, batch_size=256, workers=workers)
-    train = build_eval_stream(f"{shards}/train.json", cfg, 0, 1)
-    val = build_eval_stream(f"{shards}/val.json", cfg, 0, 1)
-    return knn_top1(build_timm(meta, state), train, val, k, temperature, "cpu", mean=cfg.data.mean, std=cfg.data.std)
+    train = eval_stream(f"{shards}/train.json", meta, batch_size=256, workers=workers)
+    val = eval_stream(f"{shards}/val.json", meta, batch_size=256, workers=workers)
+    return knn_top1(build_timm(meta, state), train, val, k, temperature, "cpu", mean=val.data.mean, std=val.data.std)
 
 
 # the table's rows the fine-tune gain is computed from
