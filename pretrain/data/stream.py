@@ -33,10 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BAD_KINDS = ("truncated", "not_image", "empty_image", "undecodable", "label_missing", "label_out_of_range")
 MIN_BAD_DENOMINATOR = 1000
 """The bad fraction is judged over at least this many samples, so one early bad sample is not fatal."""
 STATE_VERSION = 1
+"""The layout of `TrainStream.state_dict()`; a state of another version is refused on load."""
 
 
 # ----------------------------------------------------------------------------- reading + decoding
@@ -284,6 +284,9 @@ class TrainStream:
                 "layers": [{**lay.to_dict(), "batches": n} for lay, n in self._history]}
 
     def load_state_dict(self, d: dict) -> None:
+        if d.get("version") != STATE_VERSION:
+            raise UserError(f"data state has version {d.get('version')!r}; this build reads version {STATE_VERSION} "
+                            "only: resume with the build that wrote the checkpoint, or start a new run")
         want = {"mode": self.data.mode, "seed": self.seed, "num_samples": self.num_samples,
                 "num_shards": len(self.counts)}
         for key, value in want.items():
