@@ -55,13 +55,31 @@ EPOCHS = {"mae": 20, "finetune": 25, "linprobe": 10}
 SMALL_STEPS = 6  # --small: optimizer steps per stage, for the test suite (a smoke test, not a result)
 
 
-def _stage_config(stage: str, out: str, shards: str, epochs: float, workers: int, extra: list[str]):
-    from pretrain.config import load_config
+def _stage_config(stage: str, root: str, shards: str, epochs: float, workers: int, extra: list[str], *,
+                  init_from: str = "", seed: int | None = None):
+    """A stage's Config. The values this run sets (its folders, shards, workers, epochs, the export it starts
+    from, the seed) are written as YAML to root/configs/<stage>.yaml and loaded as the base under the recipe
+    above and the user's overrides (which win): they travel as data, never as `key=value` text parsed again
+    (a '#' or ': ' in --out would change them), and the whole is validated."""
+    import yaml
 
-    overrides = [*MODEL, *COMMON, *STAGES[stage], f"run.name={stage}", f"run.out_dir={out}/runs",
-                 f"data.train_urls={shards}/train.json", f"data.val_urls={shards}/val.json",
-                 f"data.workers={workers}", f"optim.epochs={epochs}", *extra]
-    return load_config(None, overrides)
+    from pretrain.config import load_config
+    from pretrain.fs import is_local
+
+    values: dict = {"run": {"name": stage, "out_dir": f"{root}/runs"}, "optim": {"epochs": epochs},
+                    "data": {"train_urls": f"{shards}/train.json", "val_urls": f"{shards}/val.json",
+                             "workers": workers}}
+    if seed is not None:
+        values["run"]["seed"] = seed
+    if init_from:
+        values["finetune"] = {"init_from": init_from}
+    fs, folder = fsspec.core.url_to_fs(f"{root}/configs")
+    if is_local(fs):  # object stores have no folders
+        fs.makedirs(folder, exist_ok=True)
+    path = f"{root}/configs/{stage}.yaml"
+    with fsspec.open(path, "w") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+    return load_config(path, [*MODEL, *COMMON, *STAGES[stage], *extra])
 
 
 def _fresh(url: str) -> None:
@@ -72,28 +90,24 @@ def _fresh(url: str) -> None:
 
 def held_out(weights: str, shards: str, workers: int) -> dict:
     """Top-1/top-5 of an exported file, loaded into plain timm, on the held-out split."""
-    from pretrain.data import build_eval_stream
-    from pretrain.evaluation.evaluate import eval_config, evaluate
+    from pretrain.evaluation.evaluate import eval_stream, evaluate
     from pretrain.weights import build_timm, load_exported
 
     state, meta = load_exported(weights)
-    cfg = eval_config(meta, batch_size=256, workers=workers)
-    stream = build_eval_stream(f"{shards}/val.json", cfg, 0, 1)
-    return evaluate(build_timm(meta, state), stream, "cpu", mean=cfg.data.mean, std=cfg.data.std)
+    stream = eval_stream(f"{shards}/val.json", meta, batch_size=256, workers=workers)
+    return evaluate(build_timm(meta, state), stream, "cpu", mean=stream.data.mean, std=stream.data.std)
 
 
 def knn_of(weights: str, shards: str, workers: int, k: int = 20, temperature: float = 0.07) -> float:
     """Weighted k-NN top-1 of an exported encoder's features (train split as memory, held-out queries)."""
-    from pretrain.data import build_eval_stream
-    from pretrain.evaluation.evaluate import eval_config
-    from pretrain.weights import build_timm, load_exported
+    from pretrain.evaluation.evaluate import eval_stream
     from pretrain.evaluation.knn import knn_top1
+    from pretrain.weights import build_timm, load_exported
 
     state, meta = load_exported(weights)
-    cfg = eval_config(meta, batch_size=256, workers=workers)
-    train = build_eval_stream(f"{shards}/train.json", cfg, 0, 1)
-    val = build_eval_stream(f"{shards}/val.json", cfg, 0, 1)
-    return knn_top1(build_timm(meta, state), train, val, k, temperature, "cpu", mean=cfg.data.mean, std=cfg.data.std)
+    train = eval_stream(f"{shards}/train.json", meta, batch_size=256, workers=workers)
+    val = eval_stream(f"{shards}/val.json", meta, batch_size=256, workers=workers)
+    return knn_top1(build_timm(meta, state), train, val, k, temperature, "cpu", mean=val.data.mean, std=val.data.std)
 
 
 # the table's rows the fine-tune gain is computed from
@@ -130,8 +144,8 @@ def quickstart(out: str, *, small: bool = False, workers: int = 1, epochs: dict 
     per_seed = []
     for seed in range(seeds):
         # one seed keeps the plain layout (runs/, export/ in --out) and the user's own run.seed, if any
-        root, more = (out, []) if seeds == 1 else (f"{out}/seed{seed}", [f"run.seed={seed}"])
-        per_seed.append(_one_seed(root, shards, ep, workers, small, [*more, *extra], log))
+        root, run_seed = (out, None) if seeds == 1 else (f"{out}/seed{seed}", seed)
+        per_seed.append(_one_seed(root, shards, ep, workers, small, extra, log, run_seed))
 
     first = out if seeds == 1 else f"{out}/seed0"
     t0 = time.perf_counter()
@@ -146,20 +160,20 @@ def quickstart(out: str, *, small: bool = False, workers: int = 1, epochs: dict 
     return result
 
 
-def _one_seed(root: str, shards: str, ep: dict, workers: int, small: bool, extra: list[str], log) -> dict:
+def _one_seed(root: str, shards: str, ep: dict, workers: int, small: bool, extra: list[str], log,
+              run_seed: int | None = None) -> dict:
     """The four trainings (runs in root/runs, exports in root/export) and their held-out scores;
-    -> {"seed", "rows", "fine_tune_gain"}."""
+    -> {"seed", "rows", "fine_tune_gain"}. `run_seed`: --seeds' seed (None: the config's)."""
     from pretrain.export import export
     from pretrain.engine.trainer import train
 
     rows: list[dict] = []
     budget: dict[str, str] = {}
-    seed = _stage_config("mae", root, shards, ep["mae"], workers, extra).run.seed  # --seeds', or the user's
+    seed = run_seed if run_seed is not None else _stage_config("mae", root, shards, ep["mae"], workers, extra).run.seed
 
     def run_stage(stage: str, init_from: str = "") -> tuple[str, float]:
         _fresh(f"{root}/runs/{stage}")
-        more = [f"finetune.init_from={init_from}"] if init_from else []
-        cfg = _stage_config(stage, root, shards, ep[stage], workers, [*more, *extra])
+        cfg = _stage_config(stage, root, shards, ep[stage], workers, extra, init_from=init_from, seed=run_seed)
         t = time.perf_counter()
         done = train(cfg)
         seconds = time.perf_counter() - t

@@ -31,3 +31,21 @@ def test_bench_rejects_unknown(cli, tmp_path):
 def test_bench_gpu_refuses_without_cuda(cli, tmp_path):
     r = cli("bench", "gpu", "--json", str(tmp_path / "b.json"))
     assert r.returncode == 2 and "CUDA" in r.stderr
+
+
+def test_bench_names_the_extra_of_a_missing_module(monkeypatch, tmp_path):
+    """A benchmark that lacks an optional module ends in one line naming the extra that installs it."""
+    import argparse
+
+    import pretrain.bench as bench
+    from pretrain.errors import UserError
+
+    class Lacking:
+        def run(self, args):
+            raise ModuleNotFoundError("No module named 'skimage'", name="skimage")
+
+    monkeypatch.setattr(bench, "_module", lambda name: Lacking())
+    args = argparse.Namespace(names=["loader"], json=str(tmp_path / "b.json"), quick=True)
+    with pytest.raises(UserError, match=r"^bench loader needs skimage, which is not installed: "
+                                        r"pip install 'vit-pretrain\[dev\]'$"):
+        bench.run(args)

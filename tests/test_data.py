@@ -1,4 +1,5 @@
 """The train/eval streams on real tar shards with real DataLoader workers; 2 ranks simulated as two streams."""
+import dataclasses
 import io
 import json
 import os
@@ -45,11 +46,15 @@ def write_shards(root: str, sizes=SIZES, samples=None, num_classes=None) -> str:
     return f"{root.rstrip('/')}/train.json"
 
 
-def make_cfg(urls, **over):
-    base = {"data.train_urls": urls, "data.batch_size": 4, "data.workers": 2, "data.shuffle_block": 5,
-            "model.arch": "vit_nano_patch4_16", "task.kind": "mae"}
-    base.update(over)
-    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+def make_data(urls, **over):
+    """The data settings of these tests (small batches and blocks, 2 workers), `over` on top."""
+    return dataclasses.replace(load_config(None).data, **{"train_urls": urls, "batch_size": 4, "workers": 2,
+                                                          "shuffle_block": 5, **over})
+
+
+def train_stream(urls, rank=0, world=1, *, augment="mae", accum=1, **over):
+    """A train stream of 16 px images (seed 0) on `make_data(urls, **over)`."""
+    return build_train_stream(make_data(urls, **over), rank, world, img_size=16, augment=augment, seed=0, accum=accum)
 
 
 def labels_of(stream, epoch, limit=None):
@@ -73,12 +78,12 @@ def shards(tmp_path_factory):
 def test_read_index_forms(shards):
     base = os.path.dirname(shards)
     by_index = read_index(shards)
-    assert by_index.counts == SIZES and by_index.num_samples == 70 and len(by_index.classes) == 70
+    assert by_index.counts == SIZES and len(by_index.classes) == 70
     by_brace = read_index(f"{base}/train-{{000000..000005}}.tar")
     by_glob = read_index(f"{base}/train-*.tar")
     assert by_brace.shards == by_glob.shards == by_index.shards
     assert by_glob.counts == SIZES  # found through the folder's index
-    assert read_index([f"{base}/train-000000.tar", f"{base}/train-000001.tar"]).num_samples == 20
+    assert sum(read_index([f"{base}/train-000000.tar", f"{base}/train-000001.tar"]).counts) == 20
     with pytest.raises(UserError, match="matched no files"):
         read_index(f"{base}/nothing-*.tar")
     with pytest.raises(UserError, match="matched no files"):  # a brace pattern of absent local files
@@ -88,14 +93,14 @@ def test_read_index_forms(shards):
 
 
 def test_exactly_once_two_ranks_two_workers(shards):
-    streams = [build_train_stream(make_cfg(shards), r, 2) for r in range(2)]
+    streams = [train_stream(shards, r, 2) for r in range(2)]
     assert streams[0].batches_per_epoch == streams[1].batches_per_epoch == 70 // 8
     per_rank = [labels_of(s, 0) for s in streams]
     assert [len(b) for b in per_rank] == [8, 8]  # equal batch counts per rank
     assert all(len(b) == 4 for r in per_rank for b in r)
     seen = flat(per_rank[0]) + flat(per_rank[1])
     assert len(seen) == len(set(seen)) == 64 and set(seen) <= set(range(70))
-    again = flat(labels_of(build_train_stream(make_cfg(shards), 0, 2), 0))
+    again = flat(labels_of(train_stream(shards, 0, 2), 0))
     assert again == flat(per_rank[0])  # deterministic
     assert flat(labels_of(streams[0], 1)) != flat(per_rank[0])  # a new order each epoch
 
@@ -103,14 +108,16 @@ def test_exactly_once_two_ranks_two_workers(shards):
 @pytest.mark.parametrize("world,rank,workers,stop", [(2, 1, 2, 3), (1, 0, 3, 4)])
 def test_resume_same_layout_gives_identical_batches(shards, world, rank, workers, stop):
     # (1, 0, 3, 4): 17 batches over 3 workers (6, 6, 5), stopped mid-round: the round-robin must resume in order
-    cfg = make_cfg(shards, **{"task.kind": "supervised", "data.auto_augment": "rand-m9-mstd0.5",
-                              "data.workers": workers, "data.reprob": 0.25})
-    full = list(build_train_stream(cfg, rank, world).iter_epoch(0))
-    first = build_train_stream(cfg, rank, world)
+    def stream():
+        return train_stream(shards, rank, world, augment="train", auto_augment="rand-m9-mstd0.5", workers=workers,
+                            reprob=0.25)
+
+    full = list(stream().iter_epoch(0))
+    first = stream()
     it = first.iter_epoch(0)
     head = [next(it) for _ in range(stop)]
     state = json.loads(json.dumps(first.state_dict()))  # plain JSON types
-    resumed = build_train_stream(cfg, rank, world)
+    resumed = stream()
     resumed.load_state_dict(state)
     rest = list(resumed.iter_epoch(0))
     assert len(head) + len(rest) == len(full)
@@ -121,55 +128,53 @@ def test_resume_same_layout_gives_identical_batches(shards, world, rank, workers
 
 @pytest.mark.parametrize("new_world,new_workers", [(1, 2), (2, 1), (1, 3)])
 def test_resume_other_layout_exactly_once(shards, new_world, new_workers):
-    cfg = make_cfg(shards)
-    streams = [build_train_stream(cfg, r, 2) for r in range(2)]
+    streams = [train_stream(shards, r, 2) for r in range(2)]
     consumed = flat(labels_of(streams[0], 0, limit=3)) + flat(labels_of(streams[1], 0, limit=3))
     state = streams[0].state_dict()
     assert state == streams[1].state_dict()  # rank-independent: one copy in the checkpoint suffices
-    cfg2 = make_cfg(shards, **{"data.workers": new_workers})
     rest = []
     for r in range(new_world):
-        s = build_train_stream(cfg2, r, new_world)
+        s = train_stream(shards, r, new_world, workers=new_workers)
         s.load_state_dict(state)
         rest += flat(labels_of(s, 0))
-    whole = flat(labels_of(build_train_stream(cfg, 0, 2), 0)) + flat(labels_of(build_train_stream(cfg, 1, 2), 0))
+    whole = flat(labels_of(train_stream(shards, 0, 2), 0)) + flat(labels_of(train_stream(shards, 1, 2), 0))
     assert sorted(consumed + rest) == sorted(whole)  # every sample of the epoch exactly once
 
 
 def test_resume_twice_across_layouts(shards):
-    cfg = make_cfg(shards)
-    a = [build_train_stream(cfg, r, 2) for r in range(2)]
+    a = [train_stream(shards, r, 2) for r in range(2)]
     seen = flat(labels_of(a[0], 0, 2)) + flat(labels_of(a[1], 0, 2))
-    b = build_train_stream(make_cfg(shards, **{"data.workers": 1}), 0, 1)
+    b = train_stream(shards, workers=1)
     b.load_state_dict(a[0].state_dict())
     seen += flat(labels_of(b, 0, 4))  # leaves 32 samples: 4 batches on each of 2 ranks, no padding
-    c = [build_train_stream(cfg, r, 2) for r in range(2)]
+    c = [train_stream(shards, r, 2) for r in range(2)]
     for s in c:
         s.load_state_dict(b.state_dict())
     assert c[0].remaining_batches(0) == c[1].remaining_batches(0)
     seen += flat(labels_of(c[0], 0)) + flat(labels_of(c[1], 0))
-    fresh = [build_train_stream(cfg, r, 2) for r in range(2)]
+    fresh = [train_stream(shards, r, 2) for r in range(2)]
     assert sorted(seen) == sorted(flat(labels_of(fresh[0], 0)) + flat(labels_of(fresh[1], 0)))
 
 
 def test_resampled_mode_and_resume(shards):
-    cfg = make_cfg(shards, **{"data.mode": "resampled", "data.samples_per_epoch": 40})
-    s = build_train_stream(cfg, 0, 1)
+    def stream():
+        return train_stream(shards, mode="resampled", samples_per_epoch=40)
+
+    s = stream()
     assert s.num_samples == 40 and s.batches_per_epoch == 10
     full = labels_of(s, 3)
     assert len(full) == 10
-    t = build_train_stream(cfg, 0, 1)
+    t = stream()
     head = labels_of(t, 3, limit=4)
-    u = build_train_stream(cfg, 0, 1)
+    u = stream()
     u.load_state_dict(t.state_dict())
     assert head + labels_of(u, 3) == full
 
 
 def test_eval_stream_every_sample_once_no_drop(shards):
-    cfg = make_cfg(shards)
     seen = []
     for r in range(2):
-        for x, y in build_eval_stream(shards, cfg, r, 2):
+        for x, y in build_eval_stream(shards, make_data(shards), r, 2, img_size=16):
             assert x.dtype == torch.uint8 and x.shape[1:] == (3, 16, 16)
             seen += y.tolist()
     assert sorted(seen) == list(range(70))
@@ -177,8 +182,7 @@ def test_eval_stream_every_sample_once_no_drop(shards):
 
 def test_pipe_urls(shards):
     base = os.path.dirname(shards)
-    cfg = make_cfg(f"pipe:cat {base}/train-{{000000..000001}}.tar", **{"data.workers": 0})
-    s = build_train_stream(cfg, 0, 1)  # non-seekable streams: counted and skipped by reading forward
+    s = train_stream(f"pipe:cat {base}/train-{{000000..000001}}.tar", workers=0)  # non-seekable streams: counted and skipped by reading forward
     assert s.num_samples == 20 and sorted(flat(labels_of(s, 0))) == list(range(20))
 
 
@@ -189,8 +193,7 @@ def test_memory_filesystem_and_glob_without_index():
     fs.rm("/wds-test/train.json")
     idx = read_index(f"{root}/train-*.tar")
     assert len(idx.shards) == 2 and idx.counts is None
-    cfg = make_cfg(f"{root}/train-{{000000..000001}}.tar", **{"data.batch_size": 2})
-    s = build_train_stream(cfg, 0, 1)  # counts from tar headers, workers read memory:// after fork
+    s = train_stream(f"{root}/train-{{000000..000001}}.tar", batch_size=2)  # counts from tar headers, workers read memory:// after fork
     got = flat(labels_of(s, 0))
     assert len(got) == 16 and len(set(got)) == 16 and s.num_classes == 0
 
@@ -211,8 +214,7 @@ def test_bad_data_skipped_counted_and_fatal_past_fraction(tmp_path):
     last = tmp_path / "train-000002.tar"
     data = last.read_bytes()
     last.write_bytes(data[:len(data) // 2])  # truncated tar: about half of its 12 samples are gone
-    cfg = make_cfg(index, **{"data.max_bad_fraction": 0.5})
-    s = build_train_stream(cfg, 0, 1)
+    s = train_stream(index, max_bad_fraction=0.5)
     batches = list(s.iter_epoch(0))
     assert len(batches) == s.batches_per_epoch == 9 and all(len(y) == 4 for _, y in batches)
     bad = s.bad_counts()
@@ -220,7 +222,7 @@ def test_bad_data_skipped_counted_and_fatal_past_fraction(tmp_path):
                                      "label_out_of_range")} == dict.fromkeys(
         ("not_image", "empty_image", "undecodable", "label_missing", "label_out_of_range"), 1)
     assert 4 <= bad["truncated"] <= 8
-    strict = build_train_stream(make_cfg(index, **{"data.max_bad_fraction": 0.0}), 0, 1)
+    strict = train_stream(index, max_bad_fraction=0.0)
     with pytest.raises(UserError, match="max_bad_fraction"):
         list(strict.iter_epoch(0))
 
@@ -232,7 +234,7 @@ def test_unreachable_shard_reported_by_name(tmp_path, monkeypatch, workers):
     monkeypatch.setattr(index_mod, "OPEN_BACKOFF_S", 0.01)
     index = write_shards(str(tmp_path), sizes=[4, 4])
     os.remove(tmp_path / "train-000001.tar")
-    s = build_train_stream(make_cfg(index, **{"data.workers": workers, "data.batch_size": 2}), 0, 1)
+    s = train_stream(index, workers=workers, batch_size=2)
     with pytest.raises(UserError, match="unreachable after 4 tries: .*train-000001.tar") as err:
         list(s.iter_epoch(0))
     assert "\n" not in str(err.value)  # one line, also when raised in a worker process
@@ -240,9 +242,22 @@ def test_unreachable_shard_reported_by_name(tmp_path, monkeypatch, workers):
 
 def test_state_from_other_shards_rejected(shards, tmp_path):
     other = write_shards(str(tmp_path), sizes=[5, 5])
-    s = build_train_stream(make_cfg(other, **{"data.batch_size": 2}), 0, 1)
+    s = train_stream(other, batch_size=2)
     with pytest.raises(UserError, match="num_samples"):
-        s.load_state_dict(build_train_stream(make_cfg(shards), 0, 1).state_dict())
+        s.load_state_dict(train_stream(shards).state_dict())
+    with pytest.raises(UserError, match="data state has version 0; this build reads version 1"):
+        s.load_state_dict({**s.state_dict(), "version": 0})
+
+
+def test_streams_satisfy_the_trainer_interface(shards):
+    """The trainer reads a BatchStream: the stream of shards and the in-memory stream of the tests both are one."""
+    from pretrain.bench.step import MemoryStream
+    from pretrain.data import BatchStream
+
+    assert isinstance(train_stream(shards), BatchStream)
+    assert isinstance(MemoryStream(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2), 1), BatchStream)
+    with pytest.raises(ValueError, match="augmentation mode 'supervised'"):
+        train_stream(shards, augment="supervised")
 
 
 def test_normalize_on_device():
@@ -257,9 +272,8 @@ def test_draft_decoding_matches_output_size(tmp_path):
 
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8)).save(buf, "JPEG")
-    cfg = make_cfg("x")
     for mode in ("train", "mae", "eval"):
-        out = Decoder(mode, 16, cfg.data)({"jpg": buf.getvalue(), "cls": b"1"})
+        out = Decoder(mode, 16, make_data("x"))({"jpg": buf.getvalue(), "cls": b"1"})
         assert out.shape == (16, 16, 3) and out.dtype == np.uint8
 
 
@@ -294,9 +308,9 @@ def test_eval_transform_matches_timm():
     img = Image.fromarray(_photo_like(300, 400))
     buf = io.BytesIO()
     img.save(buf, "PNG")
-    cfg = make_cfg("x")
-    ours = Decoder("eval", 64, cfg.data)({"png": buf.getvalue()}).astype(float)
-    tf = create_transform(64, is_training=False, crop_pct=cfg.data.eval_crop_pct, interpolation="bicubic",
+    data = make_data("x")
+    ours = Decoder("eval", 64, data)({"png": buf.getvalue()}).astype(float)
+    tf = create_transform(64, is_training=False, crop_pct=data.eval_crop_pct, interpolation="bicubic",
                           use_prefetcher=True)
     ref = tf(img).permute(1, 2, 0).numpy().astype(float)
     assert ours.shape == ref.shape and np.abs(ours - ref).mean() < 3.5  # a 4 px shift gives ~9.6
@@ -307,8 +321,7 @@ def test_randaugment_at_full_magnitude_decodes():
     (the DeiT / MAE fine-tune recipes' rand-m9-mstd0.5-inc1 reaches 10 in ~2% of its draws)."""
     from pretrain.data.transforms import Decoder
 
-    cfg = load_config(None, ["data.auto_augment=rand-m10-mstd0-inc1-n2"])
-    decoder = Decoder("train", 16, cfg.data)
+    decoder = Decoder("train", 16, make_data("x", auto_augment="rand-m10-mstd0-inc1-n2"))
     ops = {op.name: op for t in decoder.secondary.transforms for op in getattr(t, "ops", [])}
     posterize = ops["PosterizeIncreasing"]
     posterize.prob = 1.0
@@ -321,9 +334,8 @@ def test_randaugment_at_full_magnitude_decodes():
 
 WORKERS_SIGNALLED = """
 import multiprocessing, subprocess, sys
-from tests.test_data import make_cfg, flat
-from pretrain.data import build_train_stream
-stream = build_train_stream(make_cfg(sys.argv[1]), 0, 1)
+from tests.test_data import flat, train_stream
+stream = train_stream(sys.argv[1])
 epoch = stream.iter_epoch(0)
 got = [next(epoch)[1].tolist()]
 workers = [str(p.pid) for p in multiprocessing.active_children()]
@@ -345,7 +357,7 @@ def test_workers_survive_slurm_signals_and_end_with_the_process(shards):
     proc = subprocess.run([sys.executable, "-c", WORKERS_SIGNALLED, shards], capture_output=True, text=True,
                           timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == str(flat(labels_of(build_train_stream(make_cfg(shards), 0, 1), 0))), proc.stdout
+    assert proc.stdout.strip() == str(flat(labels_of(train_stream(shards), 0))), proc.stdout
 
 
 RAGGED: list = []
@@ -382,13 +394,11 @@ CHAINS = [
 def test_relayout_chains_learn_each_sample_exactly_once(shards, chain, mode):
     """Resumed on other ranks, workers, micro-batch sizes and accumulation at random points of an epoch, then
     again in the next: each epoch's real samples are those of an uninterrupted run, each exactly once."""
-    def cfg_of(world, workers, batch, accum, _):
-        extra = {"data.samples_per_epoch": 61} if mode == "resampled" else {}
-        return make_cfg(shards, **{"data.workers": workers, "data.batch_size": batch, "optim.accum_steps": accum,
-                                   "data.mode": mode, **extra})
-
     def streams_of(layout, state):
-        out = [build_train_stream(cfg_of(*layout), r, layout[0]) for r in range(layout[0])]
+        world, workers, batch, accum, _ = layout
+        extra = {"samples_per_epoch": 61} if mode == "resampled" else {}
+        out = [train_stream(shards, r, world, accum=accum, workers=workers, batch_size=batch, mode=mode, **extra)
+               for r in range(world)]
         for s in out:
             if state:
                 s.load_state_dict(state)
@@ -420,7 +430,7 @@ def test_workers_persist_across_epochs_and_serve_each_epoch(shards):
     epoch 2 is the epoch a fresh stream starting there gets (the shared epoch reaches the workers)."""
     import multiprocessing
 
-    stream = build_train_stream(make_cfg(shards), 0, 1)
+    stream = train_stream(shards)
     pids, epochs = [], []
     for epoch in range(3):
         it = stream.iter_epoch(epoch)
@@ -429,7 +439,7 @@ def test_workers_persist_across_epochs_and_serve_each_epoch(shards):
         epochs[-1] += [y.tolist() for _, y in it]
     assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
     assert epochs[0] != epochs[2]
-    fresh = build_train_stream(make_cfg(shards), 0, 1)
+    fresh = train_stream(shards)
     fresh.load_state_dict({**stream.state_dict(), "epoch": 2, "layers": []})
     assert labels_of(fresh, 2) == epochs[2]
     stream.close()
@@ -444,7 +454,7 @@ def test_first_batch_reads_one_batch_not_a_block(shards, monkeypatch):
     reads = []
     get = stream_mod._Reader.get
     monkeypatch.setattr(stream_mod._Reader, "get", lambda self, shard, i: reads.append(i) or get(self, shard, i))
-    stream = build_train_stream(make_cfg(shards, **{"data.workers": 0, "data.shuffle_block": 64}), 0, 1)
+    stream = train_stream(shards, workers=0, shuffle_block=64)
     it = stream.iter_epoch(0)
     next(it)
     assert len(reads) == 4
@@ -462,7 +472,7 @@ def test_shuffle_block_capped_in_bytes_by_the_index(tmp_path):
     assert idx.sizes == [os.path.getsize(s) for s in idx.shards]
     mean = sum(idx.sizes) / sum(idx.counts)
     urls = got["splits"]["train"]["index"]
-    capped = build_train_stream(make_cfg(urls, **{"data.shuffle_block": 4096, "data.shuffle_mb": 1}), 0, 1)
+    capped = train_stream(urls, shuffle_block=4096, shuffle_mb=1)
     assert capped.layout.shuffle_block == int(2**20 // mean) < 4096
-    free = build_train_stream(make_cfg(urls, **{"data.shuffle_block": 4096, "data.shuffle_mb": 0}), 0, 1)
+    free = train_stream(urls, shuffle_block=4096, shuffle_mb=0)
     assert free.layout.shuffle_block == 4096

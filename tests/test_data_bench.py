@@ -1,14 +1,20 @@
 """`vit-pretrain bench loader --quick` through the real CLI: every pipeline runs and the JSON is complete."""
 import json
+import os
 
 import pytest
 
 
 @pytest.mark.slow
 def test_bench_loader_quick(cli, tmp_path):
+    """On the main install: scikit-image (a dev extra) is made unimportable, as it is there."""
+    blocker = tmp_path / "no_skimage" / "skimage"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'skimage'\", name='skimage')\n")
+    path = os.pathsep.join(p for p in (str(blocker.parent), os.environ.get("PYTHONPATH", "")) if p)
     out = tmp_path / "bench.json"
     r = cli("bench", "loader", "--quick", "--json", str(out), "--loader-size", "64", "--loader-batch", "16",
-            "--loader-dir", str(tmp_path / "work"), cwd=tmp_path)
+            "--loader-dir", str(tmp_path / "work"), cwd=tmp_path, env={"PYTHONPATH": path})
     assert r.returncode == 0, r.stderr
     (res,) = json.loads(out.read_text())
     assert res["name"] == "loader" and res["unit"] == "images/s" and res["goal"] == 1.5

@@ -39,8 +39,8 @@ def test_eval_json(digits, classifier, cli):
 
 
 def test_evaluate_counts_match_a_direct_computation(digits, classifier):
-    from pretrain.data import build_eval_stream, normalize
-    from pretrain.evaluation.evaluate import eval_config, evaluate
+    from pretrain.data import normalize
+    from pretrain.evaluation.evaluate import eval_stream, evaluate
     from pretrain.weights import build_timm, load_exported
 
     state, meta = load_exported(str(classifier))
@@ -48,13 +48,13 @@ def test_evaluate_counts_match_a_direct_computation(digits, classifier):
     torch.manual_seed(0)
     with torch.no_grad():  # a head that actually separates classes a little
         model.head.weight.normal_(std=2.0)
-    cfg = eval_config(meta, 50, 0)
-    result = evaluate(model, build_eval_stream(str(digits / "val.json"), cfg, 0, 1), "cpu",
-                      mean=cfg.data.mean, std=cfg.data.std)
+    stream = eval_stream(str(digits / "val.json"), meta, batch_size=50, workers=0)
+    d = stream.data
+    result = evaluate(model, stream, "cpu", mean=d.mean, std=d.std)
     logits, labels = [], []
     with torch.no_grad():
-        for images, y in build_eval_stream(str(digits / "val.json"), cfg, 0, 1):
-            logits.append(model(normalize(images, cfg.data.mean, cfg.data.std)))
+        for images, y in stream:
+            logits.append(model(normalize(images, d.mean, d.std)))
             labels.append(y)
     logits, labels = torch.cat(logits), torch.cat(labels)
     assert result["n"] == len(labels) == 359
@@ -101,16 +101,15 @@ def test_knn_vote_is_weighted():
 
 
 def test_knn_top1_on_digits(digits):
-    from pretrain.data import build_eval_stream
-    from pretrain.evaluation.evaluate import eval_config
+    from pretrain.evaluation.evaluate import eval_stream
     from pretrain.evaluation.knn import knn_top1
     from pretrain.models import create_model
 
     torch.manual_seed(0)
     encoder = create_model("vit_nano_patch4_16", num_classes=0)
-    cfg = eval_config({"timm_kwargs": {"img_size": 16, "patch_size": 4}}, 128, 0)
-    train = build_eval_stream(str(digits / "train.json"), cfg, 0, 1)
-    val = build_eval_stream(str(digits / "val.json"), cfg, 0, 1)
-    top1 = knn_top1(encoder, train, val, k=20, temperature=0.07, device="cpu", mean=cfg.data.mean, std=cfg.data.std)
+    meta = {"timm_kwargs": {"img_size": 16, "patch_size": 4}}
+    train = eval_stream(str(digits / "train.json"), meta, batch_size=128, workers=0)
+    val = eval_stream(str(digits / "val.json"), meta, batch_size=128, workers=0)
+    top1 = knn_top1(encoder, train, val, k=20, temperature=0.07, device="cpu", mean=val.data.mean, std=val.data.std)
     assert 0.25 < top1 <= 1.0, top1  # even random ViT features separate digits well above chance (0.1)
     assert encoder.training  # left as found

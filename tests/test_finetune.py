@@ -159,16 +159,14 @@ def _train_export_eval(cli, d, kind, name, *extra):
     assert p.returncode == 0, p.stderr[-3000:]
     val = _last_val(run_dir)
     # export and score in-process (the CLIs are covered by test_export / test_eval): plain timm from the file
-    from pretrain.data import build_eval_stream
-    from pretrain.evaluation.evaluate import eval_config, evaluate
+    from pretrain.evaluation.evaluate import eval_stream, evaluate
     from pretrain.export import export
     from pretrain.weights import load_exported
 
     export(str(run_dir), out=str(d / f"{name}.safetensors"))
     state, meta = load_exported(str(d / f"{name}.safetensors"))
-    cfg = eval_config(meta, 128, 0)
-    ev = evaluate(build_timm(meta, state), build_eval_stream(str(d / "val.json"), cfg, 0, 1), "cpu",
-                  mean=cfg.data.mean, std=cfg.data.std)
+    stream = eval_stream(str(d / "val.json"), meta, batch_size=128, workers=0)
+    ev = evaluate(build_timm(meta, state), stream, "cpu", mean=stream.data.mean, std=stream.data.std)
     return val, ev
 
 

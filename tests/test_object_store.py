@@ -54,12 +54,18 @@ def test_cli_wrote_the_same_bytes_to_s3(corpus, s3_server, monkeypatch):
 
 
 def _batches(urls: str, workers: int):
+    from dataclasses import replace
+
     from pretrain.config import load_config
     from pretrain.data import build_train_stream
+    from pretrain.models import resolve_arch
 
-    cfg = load_config(str(CONFIG), [f"data.train_urls={urls}", f"data.workers={workers}"])
+    cfg = load_config(str(CONFIG))  # the supervised recipe's data settings, on these shards
+    stream = build_train_stream(replace(cfg.data, train_urls=urls, workers=workers), 0, 1,
+                                img_size=resolve_arch(cfg.model)["img_size"], augment="train", seed=cfg.run.seed,
+                                accum=cfg.optim.accum_steps)
     out = []
-    for x, y in build_train_stream(cfg, 0, 1).iter_epoch(0):
+    for x, y in stream.iter_epoch(0):
         out.append((y.tolist(), hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()))
     return out
 

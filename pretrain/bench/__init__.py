@@ -3,7 +3,8 @@
 Sub-benchmarks live in `pretrain/bench/<name>.py`, each with `add_arguments(parser)` (its own
 options, prefixed with its name) and `run(args) -> dict | list[dict]`, each row with at least
 {"name", "ours", "baseline", "unit", "ratio", "goal", "met"}; this module prints a table and
-writes all results as JSON.
+writes all results as JSON. Every benchmark runs on the main install (`scripts/setup.sh`); one that
+needs an optional module says in one line which extra installs it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import json
 import sys
 
 BENCHMARKS = ["loader", "step", "mae", "options", "zero", "gpu"]
+EXTRAS = {"s3fs": "s3", "pyarrow": "parquet", "gcsfs": "gcs", "aiohttp": "http", "transformers": "hf",
+          "skimage": "dev", "moto": "dev", "pytest": "dev"}
+"""Optional modules -> the extra (pyproject.toml) that installs them."""
+_MISSING: dict[str, ModuleNotFoundError] = {}  # benchmark -> the optional module its import lacked
 
 
 def _module(name: str):
@@ -20,15 +25,25 @@ def _module(name: str):
 
 
 def _available() -> list[str]:
+    """Benchmarks of this build whose module imports (one lacking an optional module is recorded)."""
     out = []
     for name in BENCHMARKS:
         try:
             _module(name)
             out.append(name)
         except ModuleNotFoundError as e:
-            if not (e.name or "").startswith("pretrain.bench"):
-                raise
+            if not (e.name or "").startswith("pretrain"):
+                _MISSING[name] = e
     return out
+
+
+def _needs(name: str, e: ModuleNotFoundError):
+    """The one-line error for a benchmark that lacks an optional module."""
+    from pretrain.errors import UserError
+
+    top = (e.name or str(e)).split(".")[0]
+    how = f"pip install 'vit-pretrain[{EXTRAS[top]}]'" if top in EXTRAS else f"pip install {top}"
+    return UserError(f"bench {name} needs {top}, which is not installed: {how}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,16 +58,27 @@ def run(args: argparse.Namespace) -> int:
     from pretrain.errors import UserError
 
     available = _available()
-    names = args.names or [n for n in available if n != "gpu"]
+    names = args.names
+    if not names:
+        names = [n for n in available if n != "gpu"]
+        for name, e in _MISSING.items():
+            print(f"bench {name} skipped: {_needs(name, e)}", file=sys.stderr)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise UserError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
     results = []
     for name in names:
+        if name in _MISSING:
+            raise _needs(name, _MISSING[name])
         if name not in available:
             raise UserError(f"benchmark {name!r} is not available in this build")
         print(f"== bench {name}", file=sys.stderr, flush=True)
-        out = _module(name).run(args)
+        try:
+            out = _module(name).run(args)
+        except ModuleNotFoundError as e:  # an optional module imported where it is used
+            if (e.name or "").startswith("pretrain"):
+                raise
+            raise _needs(name, e) from None
         results.extend(out if isinstance(out, list) else [out])
     print(format_table(results))
     with open(args.json, "w") as f:

@@ -6,8 +6,8 @@ torchvision `ImageFolder` + RandomResizedCrop / flip / ToTensor / Normalize in a
 workers, batch and output size. Peers, uint8 out like ours: webdataset's own pipeline and timm's WebDataset
 reader on the same shards (torchvision v2 crop + flip). Also a single-core decode-only ceiling. Every
 pipeline keeps its workers across passes (persistent workers), as the train stream does across epochs.
-Images: real photographs that ship in scikit-image, cropped and re-encoded at ImageNet-like sizes
-(500x375 or 375x500, JPEG quality 90).
+Images: crops of the two photographs that ship in scikit-learn (`sklearn.datasets.load_sample_images`,
+640x427), re-encoded at ImageNet-like sizes (500x375 or 375x500, JPEG quality 90).
 """
 from __future__ import annotations
 
@@ -18,11 +18,6 @@ import tempfile
 import time
 
 import numpy as np
-
-PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-          "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "camera.png", "grass.png",
-          "gravel.png", "brick.png"]  # files in the scikit-image wheel's skimage/data folder
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("loader")
@@ -37,12 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_photos(root: str, n: int, seed: int = 0) -> str:
     """An ImageFolder (class = source photo) of n JPEGs, 500x375 or 375x500, quality 90."""
-    import skimage.data
     from PIL import Image
+    from sklearn.datasets import load_sample_images
 
     rng = np.random.default_rng(seed)
-    data_dir = os.path.dirname(skimage.data.__file__)
-    srcs = [(name.split(".")[0], Image.open(os.path.join(data_dir, name)).convert("RGB")) for name in PHOTOS]
+    photos = load_sample_images()
+    srcs = [(os.path.basename(path).split(".")[0], Image.fromarray(img))
+            for path, img in zip(photos.filenames, photos.images)]
     for i in range(n):
         name, img = srcs[i % len(srcs)]
         w, h = img.size
@@ -91,20 +87,21 @@ def _ours(index: str, args, normalize_on_cpu: bool = False):
     The stream hands uint8 batches to the accelerator, which normalises them; the headline leaves that
     step out (the baseline's float conversion is part of its standard CPU pipeline). `normalize_on_cpu`
     adds it back on the CPU, as a CPU-only run pays it, for the extra figure."""
+    from dataclasses import replace
+
     from pretrain.config import load_config
     from pretrain.data import build_train_stream, normalize
 
-    cfg = load_config(None, [f"data.train_urls={index}", f"data.batch_size={args.loader_batch}",
-                             f"data.workers={args.loader_workers}", f"model.img_size={args.loader_size}",
-                             "model.arch=vit_tiny_patch16_224", "task.kind=supervised", "data.shuffle_block=256"])
-    stream = build_train_stream(cfg, 0, 1)
+    data = replace(load_config(None).data, train_urls=index, batch_size=args.loader_batch,
+                   workers=args.loader_workers, shuffle_block=256)
+    stream = build_train_stream(data, 0, 1, img_size=args.loader_size, augment="train", seed=0)
 
     def one_pass() -> int:
         if not normalize_on_cpu:
             return _pass("ours", stream.iter_epoch(0))
         n = 0
         for x, _ in stream.iter_epoch(0):
-            normalize(x, cfg.data.mean, cfg.data.std)
+            normalize(x, data.mean, data.std)
             n += len(x)
         return n
 

@@ -58,14 +58,28 @@ def synthetic_batch(batch: int, img_size: int, num_classes: int, seed: int = 0):
     return images, labels
 
 
+BENCH = ["optim.max_steps=1000000", "optim.warmup_steps=10", "checkpoint.every_steps=0", "checkpoint.resume=never",
+         "logging.progress=false", "logging.tensorboard=false", "logging.images_every_steps=0",
+         "logging.every_steps=10", "run.name=bench"]
+"""What every benchmark's Config shares: no checkpoints, no progress bar or images, a run that never ends."""
+
+
 def bench_config(arch: str, img_size: int, batch: int, zero: int, kind: str, out_dir: str, extra=()):
+    """A benchmark's Config: the given values as the base (written as YAML to out_dir/bench.yaml: data, not
+    `key=value` text parsed again), BENCH and `extra` (overrides) on top; validated as a whole."""
+    import os
+
+    import yaml
+
     from pretrain.config import load_config
 
-    return load_config(None, [f"model.arch={arch}", f"model.img_size={img_size}", f"data.batch_size={batch}",
-                              f"deepspeed.zero_stage={zero}", f"task.kind={kind}", "optim.max_steps=1000000",
-                              "optim.warmup_steps=10", "checkpoint.every_steps=0", "checkpoint.resume=never",
-                              "logging.progress=false", "logging.tensorboard=false", "logging.images_every_steps=0",
-                              "logging.every_steps=10", f"run.out_dir={out_dir}", "run.name=bench", *extra])
+    values = {"model": {"arch": arch, "img_size": img_size}, "data": {"batch_size": batch},
+              "deepspeed": {"zero_stage": zero}, "task": {"kind": kind}, "run": {"out_dir": out_dir}}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "bench.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+    return load_config(path, [*BENCH, *extra])
 
 
 def build_ours(cfg, images, labels, num_classes):

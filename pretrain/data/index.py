@@ -35,14 +35,13 @@ never answers ends the job after about OPEN_TRIES x 2 x this + the backoff (4 mi
 @dataclass
 class ShardIndex:
     shards: list[str]
+    """Shard URLs, in order."""
     counts: Optional[list[int]] = None
+    """Samples per shard (None: shards listed without an index; the streams count them from tar headers)."""
     classes: list[str] = field(default_factory=list)
+    """Class names; a label is an index into them ([]: unlabelled)."""
     sizes: Optional[list[int]] = None
     """Bytes per shard, when the index records them (what bounds a shuffle block in bytes)."""
-
-    @property
-    def num_samples(self) -> Optional[int]:
-        return sum(self.counts) if self.counts is not None else None
 
 
 def _is_glob(s: str) -> bool:

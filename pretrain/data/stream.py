@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import signal
 from collections import Counter
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -28,12 +28,15 @@ from pretrain.data.transforms import BadSample, Decoder
 from pretrain.errors import UserError
 from pretrain.rng import generator, seed_all
 
+if TYPE_CHECKING:
+    from pretrain.config import DataConfig
+
 log = logging.getLogger(__name__)
 
-BAD_KINDS = ("truncated", "not_image", "empty_image", "undecodable", "label_missing", "label_out_of_range")
 MIN_BAD_DENOMINATOR = 1000
 """The bad fraction is judged over at least this many samples, so one early bad sample is not fatal."""
 STATE_VERSION = 1
+"""The layout of `TrainStream.state_dict()`; a state of another version is refused on load."""
 
 
 # ----------------------------------------------------------------------------- reading + decoding
@@ -206,29 +209,58 @@ class _TrainSlots(IterableDataset):
         return (x, y, dict(bad), weight), good[-1]
 
 
+@runtime_checkable
+class BatchStream(Protocol):
+    """What the trainer reads from its train stream. `TrainStream` is the one built from shards; tests'
+    in-memory streams (`pretrain.bench.step.MemoryStream` and those built on it) satisfy it too, so the
+    trainer runs on batches held in memory."""
+
+    num_samples: int
+    """Samples per epoch (the schedule's unit)."""
+    num_classes: int
+    """Classes of the labels (0: unlabelled)."""
+    batches_per_epoch: int
+    """Batches every rank receives per epoch (a whole number of optimizer steps)."""
+
+    def iter_epoch_weighted(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                                                                Optional[int]]]:
+        """(images uint8 (B, C, H, W), labels int64 (B,), weight (B,) float32 or None, the step's real samples
+        or None) from the current position to the epoch's end; see `TrainStream.iter_epoch_weighted`."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def bad_counts(self) -> dict[str, int]:
+        """Bad samples skipped so far, by kind."""
+
+    def close(self) -> None: ...
+
+
 class TrainStream:
-    """Deterministic, resumable per-rank batches; see the module docstring and docs/data.md."""
+    """Deterministic, resumable per-rank batches; see the module docstring and docs/data.md.
 
-    def __init__(self, cfg, rank: int, world_size: int, index: Optional[ShardIndex] = None):
-        from pretrain.models.vit import resolve_arch
+    `data`: the data.* settings; `img_size`: the model's input side in pixels; `augment`: the decoder's
+    mode ('train': timm's supervised transforms, 'mae': crop + flip, 'eval': centre crop); `seed`: the
+    run's seed (sample order and augmentations); `accum`: micro-batches per optimizer step (an epoch holds
+    whole steps)."""
 
-        d = cfg.data
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.index = index or read_index(d.train_urls)
+    def __init__(self, data: DataConfig, rank: int, world_size: int, *, img_size: int, augment: str, seed: int,
+                 accum: int = 1, index: Optional[ShardIndex] = None):
+        self.data, self.rank, self.world_size = data, rank, world_size
+        self.index = index or read_index(data.train_urls)
         self.counts = self.index.counts or count_samples(self.index.shards)
         self.num_classes = len(self.index.classes)
-        self.seed = cfg.run.seed
-        self.resampled = d.mode == "resampled"
+        self.seed = seed
+        self.resampled = data.mode == "resampled"
         total = sum(self.counts)
-        self.num_samples = (d.samples_per_epoch or total) if self.resampled else total
-        self.layout = Layout(world_size, max(1, d.workers), d.batch_size, self._shuffle_block(), cfg.optim.accum_steps)
-        self.batches_per_epoch = self.num_samples // (world_size * d.batch_size * self.layout.accum) * self.layout.accum
+        self.num_samples = (data.samples_per_epoch or total) if self.resampled else total
+        self.layout = Layout(world_size, max(1, data.workers), data.batch_size, self._shuffle_block(), accum)
+        self.batches_per_epoch = self.num_samples // (world_size * data.batch_size * accum) * accum
         if self.batches_per_epoch == 0:
-            raise UserError(f"{self.num_samples} samples per epoch cannot fill one batch of {d.batch_size} on "
+            raise UserError(f"{self.num_samples} samples per epoch cannot fill one batch of {data.batch_size} on "
                             f"each of {world_size} ranks; lower data.batch_size or add data")
-        img_size = resolve_arch(cfg.model)["img_size"]
-        mode = "train" if cfg.task.kind in ("supervised", "finetune") else "mae"
-        self.decoder = Decoder(mode, img_size, d)
+        self.decoder = Decoder(augment, img_size, data)
         self._epoch = 0
         self._history: list[list] = []  # [[Layout, batches handed out], ...] of the current epoch
         self._bad: Counter = Counter()
@@ -238,7 +270,7 @@ class TrainStream:
     def _shuffle_block(self) -> int:
         """data.shuffle_block, lowered so that a block's raw samples fit in data.shuffle_mb by the index's mean
         sample size (the same on every rank: all read one index); at least one batch."""
-        d = self.cfg.data
+        d = self.data
         if not d.shuffle_mb or not self.index.sizes:
             return d.shuffle_block
         mean = sum(self.index.sizes) / max(1, sum(self.counts))
@@ -246,12 +278,15 @@ class TrainStream:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "mode": self.cfg.data.mode, "seed": self.seed,
+        return {"version": STATE_VERSION, "mode": self.data.mode, "seed": self.seed,
                 "num_samples": self.num_samples, "num_shards": len(self.counts), "epoch": self._epoch,
                 "layers": [{**lay.to_dict(), "batches": n} for lay, n in self._history]}
 
     def load_state_dict(self, d: dict) -> None:
-        want = {"mode": self.cfg.data.mode, "seed": self.seed, "num_samples": self.num_samples,
+        if d.get("version") != STATE_VERSION:
+            raise UserError(f"data state has version {d.get('version')!r}; this build reads version {STATE_VERSION} "
+                            "only: resume with the build that wrote the checkpoint, or start a new run")
+        want = {"mode": self.data.mode, "seed": self.seed, "num_samples": self.num_samples,
                 "num_shards": len(self.counts)}
         for key, value in want.items():
             if d.get(key) != value:
@@ -306,7 +341,7 @@ class TrainStream:
         left = layer.batches_per_rank - cur[1]
         # a whole epoch of the stream's own layout goes to the persistent workers; the rest of an interrupted
         # or re-laid-out epoch to workers of its own
-        persistent = self.cfg.data.workers > 0 and len(plan.layers) == 1 and cur[1] == 0
+        persistent = self.data.workers > 0 and len(plan.layers) == 1 and cur[1] == 0
         loader = self._loader(plan) if persistent else self._make_loader(_TrainSlots(self, plan, cur[1]))
         got = 0
         try:
@@ -328,7 +363,7 @@ class TrainStream:
         self._epoch, self._history = epoch + 1, []
 
     def _make_loader(self, ds: "_TrainSlots", persistent: bool = False) -> DataLoader:
-        workers = self.cfg.data.workers
+        workers = self.data.workers
         return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                           worker_init_fn=_worker_init if workers else None, persistent_workers=persistent,
                           prefetch_factor=2 if workers else None,
@@ -352,7 +387,7 @@ class TrainStream:
         self._bad.update(bad)
         self._read += n
         total = sum(self._bad.values())
-        limit = self.cfg.data.max_bad_fraction
+        limit = self.data.max_bad_fraction
         if total > limit * max(self._read, MIN_BAD_DENOMINATOR):
             kinds = ", ".join(f"{k}={v}" for k, v in sorted(self._bad.items()))
             raise UserError(f"{total} of {self._read} samples read were bad ({kinds}), more than "
@@ -402,8 +437,10 @@ def count_samples(shards: list[str]) -> list[int]:
     return counts
 
 
-def build_train_stream(cfg, rank: int, world_size: int) -> TrainStream:
-    return TrainStream(cfg, rank, world_size)
+def build_train_stream(data: DataConfig, rank: int, world_size: int, *, img_size: int, augment: str, seed: int,
+                       accum: int = 1) -> TrainStream:
+    """The train stream of `data.train_urls` (arguments as `TrainStream`'s)."""
+    return TrainStream(data, rank, world_size, img_size=img_size, augment=augment, seed=seed, accum=accum)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -439,30 +476,32 @@ class _EvalSlots(IterableDataset):
 
 
 class EvalStream:
-    """Every sample exactly once across ranks, in index order, no drop; bad samples skipped and logged."""
+    """Every sample exactly once across ranks, in index order, no drop; bad samples skipped and logged.
 
-    def __init__(self, urls, cfg, rank: int, world_size: int):
-        from pretrain.models.vit import resolve_arch
+    `data`: its batch_size, workers and the eval crop (eval_crop_pct) are read; `img_size`: the model's
+    input side in pixels."""
 
+    def __init__(self, urls, data: DataConfig, rank: int, world_size: int, *, img_size: int):
         self.index = read_index(urls)
         self.counts = self.index.counts or count_samples(self.index.shards)
         self.num_classes = len(self.index.classes)
         self.num_samples = sum(self.counts)
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.decoder = Decoder("eval", resolve_arch(cfg.model)["img_size"], cfg.data)
+        self.data, self.rank, self.world_size = data, rank, world_size
+        self.decoder = Decoder("eval", img_size, data)
 
     def __iter__(self):
-        workers = self.cfg.data.workers
+        workers = self.data.workers
         ds = _EvalSlots(self.index.shards, self.counts, self.rank, self.world_size, max(1, workers),
-                        self.cfg.data.batch_size, self.decoder, self.num_classes)
+                        self.data.batch_size, self.decoder, self.num_classes)
         loader = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                             worker_init_fn=_worker_init if workers else None,
                             generator=generator(self.rank))  # leaves the global generator alone
         yield from _reraise_user_errors(loader)
 
 
-def build_eval_stream(urls, cfg, rank: int, world_size: int) -> EvalStream:
-    return EvalStream(urls, cfg, rank, world_size)
+def build_eval_stream(urls, data: DataConfig, rank: int, world_size: int, *, img_size: int) -> EvalStream:
+    """The eval stream of `urls` (arguments as `EvalStream`'s)."""
+    return EvalStream(urls, data, rank, world_size, img_size=img_size)
 
 
 @functools.lru_cache(maxsize=16)

@@ -35,6 +35,8 @@ except ImportError:  # optional speed-up (`pip install simplejpeg`); PIL decodes
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+MODES = ("train", "mae", "eval")
+"""The decoder's augmentation modes (see the module docstring)."""
 
 
 class BadSample(Exception):
@@ -117,6 +119,8 @@ class Decoder:
         from timm.data.random_erasing import RandomErasing
         from timm.data.transforms import RandomResizedCropAndInterpolation
 
+        if mode not in MODES:
+            raise ValueError(f"augmentation mode {mode!r}: expected one of {', '.join(MODES)}")
         self.mode, self.size = mode, img_size
         self.secondary = None
         self.erase = None

@@ -16,7 +16,6 @@ import json
 import logging
 import multiprocessing
 import sys
-import time
 from typing import Optional
 
 import fsspec
@@ -89,44 +88,6 @@ PARTIAL = ".partial"
 """A shard is written as NAME.partial and renamed to NAME once closed: a NAME that exists is finished."""
 
 
-class _Progress:
-    """Count, rate and ETA on stderr every `every_s` seconds (in place on a terminal), and a summary."""
-
-    def __init__(self, split: str, total: int, done: int, every_s: float):
-        self.split, self.total, self.start_done = split, total, done
-        self.tty = sys.stderr.isatty()
-        self.every_s = every_s or (1.0 if self.tty else 30.0)
-        self.t0 = self.last = time.monotonic()
-
-    def _line(self, done: int, shards: int, skipped: int) -> str:
-        el = time.monotonic() - self.t0
-        rate = (done - self.start_done) / el if el > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        return (f"shards {self.split}: {done:,}/{self.total:,} images ({100 * done / max(1, self.total):.1f}%), "
-                f"{rate:,.0f} img/s, ETA {_hms(eta)}, {shards} shards written, {skipped} skipped")
-
-    def update(self, done: int, shards: int, skipped: int) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            end = "\r" if self.tty else "\n"
-            print(self._line(done, shards, skipped), file=sys.stderr, end=end, flush=True)
-
-    def summary(self, done: int, shards: int, skipped: int, resumed: int) -> None:
-        el = time.monotonic() - self.t0
-        rate = (done - self.start_done) / el if el > 0 else 0.0
-        again = f"; {resumed} finished shards kept from an earlier run" if resumed else ""
-        print(f"shards {self.split}: {done - self.start_done:,} images read in {_hms(el)} ({rate:,.0f} img/s), "
-              f"{shards} shards, {skipped} skipped{again}", file=sys.stderr, flush=True)
-
-
-def _hms(s: float) -> str:
-    if s != s or s == float("inf"):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def _finished_shards(split: str, out_dir: str, fs) -> tuple[list[str], list[int], int]:
     """Shards a previous run finished (renamed from .partial), in order: (names, counts, next item index).
     Each is read back (tar headers only); the last key's item index says where the next shard starts."""
@@ -150,8 +111,21 @@ def _finished_shards(split: str, out_dir: str, fs) -> tuple[list[str], list[int]
     return names, counts, nxt
 
 
+def _progress_bar(split: str, total: int, done: int, every_s: float):
+    """tqdm's count, rate and ETA of a split on stderr, redrawn at most every `every_s` seconds (0: 1 s on a
+    terminal, 30 s otherwise, e.g. a job's log file)."""
+    from tqdm import tqdm
+
+    every_s = every_s or (1.0 if sys.stderr.isatty() else 30.0)
+    return tqdm(total=total, initial=done, desc=f"shards {split}", unit="img", file=sys.stderr, mininterval=every_s,
+                maxinterval=max(every_s, 10.0), dynamic_ncols=True,
+                bar_format="{desc}: {n_fmt}/{total_fmt} images ({percentage:.1f}%), {rate_fmt}, ETA {remaining}"
+                           "{postfix}")
+
+
 def _write_split(split: str, jobs: list[tuple], out_dir: str, fs, pool, *, samples_per_shard: int,
                  max_shard_bytes: int, skipped: list, progress_s: float) -> dict:
+    from tqdm import tqdm
     from webdataset import TarWriter
 
     shards, counts, first = _finished_shards(split, out_dir, fs)
@@ -159,7 +133,10 @@ def _write_split(split: str, jobs: list[tuple], out_dir: str, fs, pool, *, sampl
     n_skipped = first - sum(counts)  # items before `first` that are in no finished shard were skipped
     writer = stream = None
     size = 0
-    prog = _Progress(split, len(jobs), first, progress_s)
+    bar = _progress_bar(split, len(jobs), first, progress_s)
+
+    def note():  # the bar's tail: shards closed so far, items skipped
+        bar.set_postfix_str(f"{len(shards) - (writer is not None)} shards written, {n_skipped} skipped", refresh=False)
 
     def close():
         if writer is not None:
@@ -169,14 +146,14 @@ def _write_split(split: str, jobs: list[tuple], out_dir: str, fs, pool, *, sampl
 
     todo = jobs[first:]
     results = pool.imap(_prepare, todo, chunksize=16) if pool is not None else map(_prepare, todo)
-    n = first - 1
     for n, (job, (ext, payload, reason)) in enumerate(zip(todo, results), first):
         (kind, ref, label) = job[0]
-        prog.update(n, len(shards), n_skipped)
+        bar.update()
         if ext is None:
             skipped.append((str(ref), reason))
             n_skipped += 1
-            print(f"skipped {ref}: {reason}", file=sys.stderr)
+            tqdm.write(f"skipped {ref}: {reason}", file=sys.stderr)
+            note()
             continue
         if writer is None or counts[-1] >= samples_per_shard or (
                 max_shard_bytes and size + len(payload) > max_shard_bytes and counts[-1] > 0):
@@ -187,6 +164,7 @@ def _write_split(split: str, jobs: list[tuple], out_dir: str, fs, pool, *, sampl
             shards.append(name)
             counts.append(0)
             size = 0
+            note()
         sample = {"__key__": f"{split}_{n:08d}", ext: payload}
         if label >= 0:
             sample["cls"] = str(label).encode()
@@ -194,7 +172,11 @@ def _write_split(split: str, jobs: list[tuple], out_dir: str, fs, pool, *, sampl
         counts[-1] += 1
         size += len(payload) + 1536  # payload + headers, roughly
     close()
-    prog.summary(len(jobs), len(shards), n_skipped, resumed)
+    seconds, read = bar.format_dict["elapsed"], len(jobs) - first
+    bar.close()
+    again = f"; {resumed} finished shards kept from an earlier run" if resumed else ""
+    print(f"shards {split}: {read:,} images read in {tqdm.format_interval(seconds)} ({read / max(seconds, 1e-9):,.0f} "
+          f"img/s), {len(shards)} shards, {n_skipped} skipped{again}", file=sys.stderr, flush=True)
     return {"shards": shards, "counts": counts, "num_samples": sum(counts), "skipped": n_skipped}
 
 
@@ -218,28 +200,41 @@ def _claim(fs, root: str, out: str, options: dict) -> None:
         json.dump(options, f, indent=1)
 
 
-def write_shards(source: str, out_dir: str, *, samples_per_shard: int = 5000, max_shard_bytes: int = 0,
-                 val_fraction: float = 0.0, seed: int = 0, max_side: int = 0, quality: int = 90,
-                 workers: int = 1, progress_s: float = 0.0) -> dict:
-    """Write shards + indexes; returns {"out", "classes", "splits": {name: {index, shards, counts,
-    num_samples, skipped}}, "skipped": [(source, reason)] of this run}.
-
-    Resumable: shards are written under a temporary name and renamed when closed, so a rerun with the same
-    options keeps every finished shard and writes only the rest; the result equals an uninterrupted write.
-    `progress_s`: seconds between progress lines on stderr (0: 1 s on a terminal, 30 s otherwise)."""
+def _check_options(samples_per_shard: int, val_fraction: float, quality: int) -> None:
     if samples_per_shard < 1:
         raise UserError(f"--samples-per-shard {samples_per_shard}: must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if not 1 <= quality <= 100:
         raise UserError(f"--quality {quality}: must be in 1..100")
-    items, classes = source_items(source, seed)
+
+
+def _splits(items: list, seed: int, val_fraction: float) -> dict[str, list]:
+    """{"train": ..., "val": ...} of the items shuffled with `seed` ("val" only when it holds any)."""
     order = np.random.default_rng([seed, 0]).permutation(len(items))
     items = [items[i] for i in order]
     n_val = int(round(len(items) * val_fraction))
-    splits = {"train": items[n_val:]}
-    if n_val:
-        splits["val"] = items[:n_val]
+    return {"train": items[n_val:], **({"val": items[:n_val]} if n_val else {})}
+
+
+def _shard_bytes(fs, root: str, shards: list[str]) -> list[int]:
+    """Bytes of each shard, as listed (what bounds a shuffle block in bytes)."""
+    sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in fs.ls(root, detail=True)}
+    return [int(sizes[name]) for name in shards]
+
+
+def write_shards(source: str, out_dir: str, *, samples_per_shard: int = 5000, max_shard_bytes: int = 0,
+                 val_fraction: float = 0.0, seed: int = 0, max_side: int = 0, quality: int = 90,
+                 workers: int = 1, progress_s: float = 0.0) -> dict:
+    """Write shards + indexes; returns {"out", "classes", "splits": {name: {index, shards, counts,
+    num_samples, bytes}}, "skipped": [(source, reason)] of this run, "num_skipped"}.
+
+    Resumable: shards are written under a temporary name and renamed when closed, so a rerun with the same
+    options keeps every finished shard and writes only the rest; the result equals an uninterrupted write.
+    `progress_s`: seconds between progress updates on stderr (0: 1 s on a terminal, 30 s otherwise)."""
+    _check_options(samples_per_shard, val_fraction, quality)
+    items, classes = source_items(source, seed)
+    splits = _splits(items, seed, val_fraction)
     fs, root = fsspec.core.url_to_fs(out_dir)
     if is_local(fs):  # object stores have no folders; s3fs's makedirs would create a mistyped bucket
         fs.makedirs(root, exist_ok=True)
@@ -259,11 +254,10 @@ def write_shards(source: str, out_dir: str, *, samples_per_shard: int = 5000, ma
                                samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes,
                                skipped=skipped, progress_s=progress_s)
             n_skipped += got.pop("skipped")
-            sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in fs.ls(root, detail=True)}
-            got["bytes"] = [int(sizes[name]) for name in got["shards"]]  # bounds a shuffle block in bytes
-            meta = {"split": split, **got, "classes": classes, "made_by": {**made_by, "skipped": n_skipped}}
+            got["bytes"] = _shard_bytes(fs, root, got["shards"])
             with fs.open(f"{root}/{split}.json", "w") as f:
-                json.dump(meta, f, indent=1)
+                json.dump({"split": split, **got, "classes": classes, "made_by": {**made_by, "skipped": n_skipped}},
+                          f, indent=1)
             info["splits"][split] = {"name": split, "num_samples": got["num_samples"],
                                      "filenames": got["shards"], "shard_lengths": got["counts"]}
             result["splits"][split] = {"index": f"{out}/{split}.json", **got}

@@ -125,6 +125,7 @@ class Trainer:
     def __init__(self, cfg: Config, env, stop: threading.Event, stream=None):
         """`stream`: any object with the train-stream interface (pretrain/data); default: built from cfg.data."""
         from pretrain.data import build_train_stream
+        from pretrain.models import resolve_arch
 
         self.cfg, self.env, self.stop = cfg, env, stop
         self.rank, self.world = env.rank, env.world_size
@@ -138,7 +139,10 @@ class Trainer:
         self.run_dir = f"{cfg.run.out_dir.rstrip('/')}/{cfg.run.name}"
         self.ckpt_dir = f"{self.run_dir}/checkpoints"
 
-        self.stream = stream if stream is not None else build_train_stream(cfg, self.rank, self.world)
+        self.stream = stream if stream is not None else build_train_stream(
+            cfg.data, self.rank, self.world, img_size=resolve_arch(cfg.model)["img_size"],
+            augment="train" if cfg.task.kind in ("supervised", "finetune") else "mae", seed=cfg.run.seed,
+            accum=cfg.optim.accum_steps)
         self._check_eval_urls()
         if cfg.task.kind == "mae":
             self.num_classes = 0
@@ -484,11 +488,13 @@ class Trainer:
             return None
         from pretrain.data import build_eval_stream
         from pretrain.evaluation.evaluate import evaluate
+        from pretrain.models import resolve_arch
 
         d = self.cfg.data
 
         def batches():
-            for batch in build_eval_stream(d.val_urls, self.cfg, self.rank, self.world):
+            for batch in build_eval_stream(d.val_urls, d, self.rank, self.world,
+                                           img_size=resolve_arch(self.cfg.model)["img_size"]):
                 _fault(self.rank, self.step, "eval")
                 yield batch
 
@@ -504,11 +510,14 @@ class Trainer:
         """k-NN top-1 of the encoder's features (eval.knn_*), logged as knn/top1."""
         from pretrain.data import build_eval_stream
         from pretrain.evaluation.knn import knn_top1
+        from pretrain.models import resolve_arch
 
         e, d = self.cfg.eval, self.cfg.data
         with self._gathered():  # no autocast: the k-NN vote itself is fp32
-            top1 = knn_top1(self.module.encoder, build_eval_stream(e.knn_train_urls, self.cfg, self.rank, self.world),
-                            build_eval_stream(e.knn_val_urls, self.cfg, self.rank, self.world), e.knn_k,
+            size = resolve_arch(self.cfg.model)["img_size"]
+            top1 = knn_top1(self.module.encoder,
+                            build_eval_stream(e.knn_train_urls, d, self.rank, self.world, img_size=size),
+                            build_eval_stream(e.knn_val_urls, d, self.rank, self.world, img_size=size), e.knn_k,
                             e.knn_temperature, self.device, mean=d.mean, std=d.std,
                             dtype=self.precision.input_dtype)
         self.engine.train()

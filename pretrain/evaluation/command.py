@@ -7,7 +7,7 @@ import json
 import sys
 
 from pretrain.errors import UserError
-from pretrain.evaluation.evaluate import eval_config, evaluate
+from pretrain.evaluation.evaluate import eval_stream, evaluate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,6 @@ def _evaluate_weights(args: argparse.Namespace) -> int:
     import fsspec
 
     from pretrain import dist as pdist
-    from pretrain.data import build_eval_stream
     from pretrain.engine.consolidate import load_source
     from pretrain.weights import build_timm
 
@@ -44,9 +43,8 @@ def _evaluate_weights(args: argparse.Namespace) -> int:
         raise UserError(f"{args.weights} has no classifier head (an MAE encoder?): fine-tune or linear-probe "
                         "it first, or use the k-NN monitor")
     model = build_timm(meta, state).to(device)
-    cfg = eval_config(meta, args.batch_size, args.workers)
-    stream = build_eval_stream(args.data, cfg, env.rank, env.world_size)
-    result = evaluate(model, stream, device, mean=cfg.data.mean, std=cfg.data.std)
+    stream = eval_stream(args.data, meta, args.batch_size, args.workers, env.rank, env.world_size)
+    result = evaluate(model, stream, device, mean=stream.data.mean, std=stream.data.std)
     result["weights"] = args.weights
     result["data"] = args.data
     if env.rank == 0:

@@ -5,6 +5,8 @@ numbers of batches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -13,7 +15,9 @@ import torch.nn.functional as F
 import pretrain._compat  # noqa: F401  before timm: makes it importable on a CPU-only torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-
+if TYPE_CHECKING:
+    from pretrain.config import DataConfig
+    from pretrain.data import EvalStream
 
 
 @torch.no_grad()
@@ -51,21 +55,23 @@ def evaluate(task_or_model: torch.nn.Module, stream, device, *, mean=IMAGENET_DE
     return {"top1": c1 / max(n, 1), "top5": c5 / max(n, 1), "loss": loss / max(n, 1), "n": n}
 
 
-def eval_config(meta: dict, batch_size: int, workers: int):
-    """The Config the eval stream is built from: the exported model's input size, normalisation and
-    eval crop (as the run that made it used them)."""
+def eval_data(meta: dict, batch_size: int = 1, workers: int = 0) -> DataConfig:
+    """The data settings an exported model is evaluated with: its normalisation and eval crop as the run
+    that made it used them (the defaults where the export does not record them)."""
     from pretrain.config import load_config
-    from pretrain.models import ARCHS
 
-    k = meta["timm_kwargs"]
-    overrides = [f"model.img_size={k['img_size']}", f"model.patch_size={k['patch_size']}",
-                 f"data.batch_size={batch_size}", f"data.workers={workers}"]
-    if meta.get("arch") in ARCHS:
-        overrides.append(f"model.arch={meta['arch']}")
+    values: dict = {"batch_size": batch_size, "workers": workers}
     if meta.get("mean") and meta.get("std"):
-        overrides += [f"data.mean={list(meta['mean'])}", f"data.std={list(meta['std'])}"]
+        values.update(mean=list(meta["mean"]), std=list(meta["std"]))
     if meta.get("eval_crop_pct"):
-        overrides.append(f"data.eval_crop_pct={meta['eval_crop_pct']}")
-    return load_config(None, overrides)
+        values["eval_crop_pct"] = float(meta["eval_crop_pct"])
+    return dataclasses.replace(load_config(None).data, **values)
 
 
+def eval_stream(urls, meta: dict, batch_size: int, workers: int, rank: int = 0, world_size: int = 1) -> EvalStream:
+    """The eval stream of `urls` for an exported model (`meta`: its .json): the model's input size and
+    `eval_data(meta)`; normalise its batches with `stream.data.mean` / `.std`."""
+    from pretrain.data import build_eval_stream
+
+    return build_eval_stream(urls, eval_data(meta, batch_size, workers), rank, world_size,
+                             img_size=meta["timm_kwargs"]["img_size"])

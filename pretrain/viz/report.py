@@ -127,10 +127,9 @@ def plot(points: list[tuple[int, float]], size: tuple[int, int], title: str) -> 
 def held_out_images(val: str, meta: dict, n: int) -> tuple[torch.Tensor, list[int], list[str]]:
     """The first held-out image of each class, up to n, in class order: (uint8 (n, C, S, S) as eval
     prepares them for this model, labels, the split's class names)."""
-    from pretrain.data import build_eval_stream
-    from pretrain.evaluation.evaluate import eval_config
+    from pretrain.evaluation.evaluate import eval_stream
 
-    stream = build_eval_stream(val, eval_config(meta, batch_size=64, workers=0), 0, 1)
+    stream = eval_stream(val, meta, batch_size=64, workers=0)
     first: dict[int, torch.Tensor] = {}
     for images, labels in stream:
         for img, label in zip(images, labels.tolist()):
@@ -144,9 +143,9 @@ def held_out_images(val: str, meta: dict, n: int) -> tuple[torch.Tensor, list[in
 def _inputs(loaded: Loaded, images: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple]:
     """(normalised model inputs (n, C, S, S), mean, std) of eval-prepared uint8 images."""
     from pretrain.data import normalize
-    from pretrain.evaluation.evaluate import eval_config
+    from pretrain.evaluation.evaluate import eval_data
 
-    d = eval_config(loaded.meta, 1, 0).data
+    d = eval_data(loaded.meta)
     return normalize(images, d.mean, d.std), d.mean, d.std
 
 

@@ -99,20 +99,20 @@ def read_image(url: str) -> bytes:
 def load_image(url: str, meta: dict[str, Any], data: bytes | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """(the eval crop as uint8 (S, S, 3), the normalised model input (1, C, S, S)) of any image file."""
     from pretrain.data.transforms import BadSample, Decoder
-    from pretrain.evaluation.evaluate import eval_config
+    from pretrain.evaluation.evaluate import eval_data
 
-    cfg = eval_config(meta, 1, 0)
+    d = eval_data(meta)
     data = read_image(url) if data is None else data
     try:
         # eval's own decoder: the resize to img_size / eval_crop_pct and the centre crop eval uses
-        arr = Decoder("eval", meta["timm_kwargs"]["img_size"], cfg.data)({"jpg": data})
+        arr = Decoder("eval", meta["timm_kwargs"]["img_size"], d)({"jpg": data})
     except BadSample:
         raise UserError(f"{url}: not a readable image file (jpg, png, webp, bmp, tiff, ...)") from None
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()[None] / 255  # (1, 3, S, S)
     if meta["timm_kwargs"].get("in_chans", 3) == 1:
         x = x.mean(1, keepdim=True)
-    mean = torch.tensor(cfg.data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.data.std).view(1, -1, 1, 1)
+    mean = torch.tensor(d.mean).view(1, -1, 1, 1)
+    std = torch.tensor(d.std).view(1, -1, 1, 1)
     return arr, (x - mean) / std
 
 
@@ -273,9 +273,9 @@ def visualize(images: list[str], weights: str | None, out_dir: str, arch: str | 
         maps = attention(loaded.encoder, x)
         mae_images = None
         if loaded.mae is not None:
-            from pretrain.evaluation.evaluate import eval_config
+            from pretrain.evaluation.evaluate import eval_data
 
-            d = eval_config(loaded.meta, 1, 0).data
+            d = eval_data(loaded.meta)
             mae_images = reconstruct(loaded.mae, x, mean or d.mean, std or d.std)
         picture = draw(os.path.basename(url), loaded, crop, maps, mae_images)
         stem = os.path.splitext(os.path.basename(url.rstrip("/")))[0] or "image"
