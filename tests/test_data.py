@@ -449,11 +449,11 @@ def test_workers_persist_across_epochs_and_serve_each_epoch(shards):
 def test_first_batch_reads_one_batch_not_a_block(shards, monkeypatch):
     """With a shuffle block far larger than a batch, the first batch of an epoch is decoded after reading one
     batch of samples (the blocks ramp up from one batch)."""
-    from pretrain.data import stream as stream_mod
+    from pretrain.data import loading as stream_mod
 
     reads = []
-    get = stream_mod._Reader.get
-    monkeypatch.setattr(stream_mod._Reader, "get", lambda self, shard, i: reads.append(i) or get(self, shard, i))
+    get = stream_mod.Reader.get
+    monkeypatch.setattr(stream_mod.Reader, "get", lambda self, shard, i: reads.append(i) or get(self, shard, i))
     stream = train_stream(shards, workers=0, shuffle_block=64)
     it = stream.iter_epoch(0)
     next(it)

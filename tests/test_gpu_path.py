@@ -141,7 +141,7 @@ def test_deepspeed_throughput_timer_is_off():
 
 def test_normalize_keeps_its_constants_on_the_device():
     from pretrain.data import normalize
-    from pretrain.data.stream import _affine
+    from pretrain.data.transforms import _affine
 
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)

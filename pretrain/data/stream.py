@@ -1,4 +1,4 @@
-"""The resumable train stream and the exactly-once eval stream (see plan.py for the sample layout).
+"""The resumable train stream (see plan.py for the sample layout; eval_stream.py for the eval stream).
 
 Workers yield whole uint8 batches; torch's DataLoader returns them in worker order, so the number of
 batches the trainer has received fixes what every worker has consumed: the stream's state is one
@@ -7,13 +7,7 @@ size are hand-written (webdataset has neither); tar access and URL opening are i
 """
 from __future__ import annotations
 
-import atexit
-import functools
-import gc
 import logging
-import multiprocessing
-import os
-import signal
 from collections import Counter
 from typing import TYPE_CHECKING, Iterator, Optional, Protocol, runtime_checkable
 
@@ -23,8 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.index import ShardIndex, read_index
 from pretrain.data.plan import EpochPlan, Layout, block_at
-from pretrain.data.tario import ShardCursor
-from pretrain.data.transforms import BadSample, Decoder
+from pretrain.data.loading import Reader, count_samples, decode_one, reraise_user_errors, to_batch, worker_init
+from pretrain.data.transforms import Decoder
 from pretrain.errors import UserError
 from pretrain.rng import generator, seed_all
 
@@ -39,103 +33,9 @@ STATE_VERSION = 1
 """The layout of `TrainStream.state_dict()`; a state of another version is refused on load."""
 
 
-# ----------------------------------------------------------------------------- reading + decoding
-
-
-class _Reader:
-    """Random-ish access to samples by (shard, index); keeps one shard open and moves forward in it."""
-
-    def __init__(self, shards: list[str]):
-        self.shards = shards
-        self.cur: Optional[ShardCursor] = None
-        self.cur_shard = -1
-
-    def get(self, shard: int, i: int) -> tuple[str, str, Optional[dict], Optional[str]]:
-        url = self.shards[shard]
-        if self.cur is None or self.cur_shard != shard or self.cur.pos > i:
-            self.close()
-            self.cur, self.cur_shard = ShardCursor(url), shard
-        if self.cur.pos < i:
-            self.cur.skip(i - self.cur.pos)
-        got = self.cur.read() if self.cur.pos == i else None
-        if got is None:
-            return url, f"#{i}", None, "truncated"
-        return url, got[0], got[1], None
-
-    def close(self) -> None:
-        if self.cur is not None:
-            self.cur.close()
-            self.cur = None
-
-
-def _label(sample: dict, num_classes: int) -> int:
-    raw = sample.get("cls")
-    if raw is None:
-        if num_classes > 0:
-            raise BadSample("label_missing")
-        return -1
-    try:
-        lab = int(raw.decode().strip())
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        raise BadSample("label_missing") from None
-    if num_classes > 0 and not 0 <= lab < num_classes:
-        raise BadSample("label_out_of_range")
-    return lab
-
-
-def _decode_one(entry, decoder: Decoder, num_classes: int, bad: Counter):
-    url, key, sample, kind = entry
-    try:
-        if kind is not None:
-            raise BadSample(kind)
-        label = _label(sample, num_classes)
-        return decoder(sample), label
-    except BadSample as e:
-        bad[e.args[0]] += 1
-        log.warning("skipping %s sample %r in shard %s", e.args[0], key, url)
-        return None
-
-
-def _to_batch(images: list[np.ndarray], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    # (B, C, H, W) uint8 view of (B, H, W, C) memory (torch's channels_last): no transposing copy here
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    return x, torch.tensor(labels, dtype=torch.int64)
-
-
 def _seed_batch(*key: int) -> np.random.Generator:
     """Seed Python, NumPy and torch RNGs (used by the augmentations) from the batch's identity."""
     return np.random.default_rng(seed_all(*key))
-
-
-def _worker_init(_):
-    """Data workers ignore SIGTERM and SIGUSR1. SLURM signals every process of a job step, workers included;
-    torch's worker handler re-raises a SIGTERM that does not come from the trainer, so the worker died and the
-    trainer failed with "DataLoader worker killed" instead of checkpointing. A worker still ends with its
-    trainer: on the iterator's shutdown, at `_end_workers_at_exit`, or on a signal once the trainer is gone
-    (torchrun signals a dead rank's process group)."""
-    torch.set_num_threads(1)
-    trainer = os.getppid()
-
-    def on_signal(signum, frame):
-        if os.getppid() != trainer:
-            os._exit(0)
-
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, on_signal)
-
-
-@functools.cache
-def _register_worker_reaper() -> None:
-    atexit.register(_end_workers_at_exit)  # registered after multiprocessing's own handler, so it runs first
-
-
-def _end_workers_at_exit() -> None:
-    """multiprocessing's exit handler SIGTERMs daemonic children and then joins them: a data worker ignores
-    SIGTERM (see `_worker_init`), so a loader not shut down by then would make the trainer wait forever."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a worker failure
-    for p in multiprocessing.active_children():
-        if p.daemon:
-            p.kill()
 
 
 # ----------------------------------------------------------------------------- train
@@ -168,7 +68,7 @@ class _TrainSlots(IterableDataset):
         done = layer.consumed(w, self.n_start)
         b, starts = lay.batch_size, layer.blocks(batches)
         length, pos, k = batches * b, done * b, done
-        reader = _Reader(self.shards)
+        reader = Reader(self.shards)
         pending: list = []
         real: list = []  # False for padding (virtual index >= layer.m): decoded, weight 0
         last_good = None
@@ -193,7 +93,7 @@ class _TrainSlots(IterableDataset):
     def _batch(self, entries: list, real: list, layer: int, slot: int, epoch: int, k: int, last_good):
         rng = _seed_batch(self.seed, epoch, layer, slot, k)
         bad: Counter = Counter()
-        done = [_decode_one(e, self.decoder, self.num_classes, bad) for e in entries]
+        done = [decode_one(e, self.decoder, self.num_classes, bad) for e in entries]
         good = [d for d in done if d is not None]
         if not good:
             if last_good is None:
@@ -204,7 +104,7 @@ class _TrainSlots(IterableDataset):
         # equal batches (so no rank waits at a collective) and positions stay countable for resume
         fill = rng.integers(0, len(good), size=len(done))
         done = [d if d is not None else good[fill[i]] for i, d in enumerate(done)]
-        x, y = _to_batch([d[0] for d in done], [d[1] for d in done])
+        x, y = to_batch([d[0] for d in done], [d[1] for d in done])
         weight = None if all(real) else torch.tensor(real, dtype=torch.float32)
         return (x, y, dict(bad), weight), good[-1]
 
@@ -345,7 +245,7 @@ class TrainStream:
         loader = self._loader(plan) if persistent else self._make_loader(_TrainSlots(self, plan, cur[1]))
         got = 0
         try:
-            for x, y, bad, weight in _reraise_user_errors(loader, keep=persistent):
+            for x, y, bad, weight in reraise_user_errors(loader, keep=persistent):
                 n = cur[1]
                 first = n - n % accum  # a layer starts at a step boundary, so its steps are [first, first + accum)
                 real = None
@@ -365,7 +265,7 @@ class TrainStream:
     def _make_loader(self, ds: "_TrainSlots", persistent: bool = False) -> DataLoader:
         workers = self.data.workers
         return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                          worker_init_fn=_worker_init if workers else None, persistent_workers=persistent,
+                          worker_init_fn=worker_init if workers else None, persistent_workers=persistent,
                           prefetch_factor=2 if workers else None,
                           generator=generator(self.seed, ds.epoch.item(), self.rank))  # not the global generator
 
@@ -394,49 +294,6 @@ class TrainStream:
                             f"data.max_bad_fraction={limit}; fix the shards or raise the limit")
 
 
-def _reraise_user_errors(loader, keep: bool = False):
-    """A UserError raised in a worker arrives wrapped with a traceback: re-raise it as one line. Workers are
-    shut down when the consumer stops early too (not left to the garbage collector), and at the end unless
-    `keep` (a persistent loader's workers wait for its next iteration)."""
-    if loader.num_workers:
-        _register_worker_reaper()
-        # workers are forked: a CUDA tensor left in the trainer's cyclic garbage and collected in a worker
-        # would free device memory from a process that cannot use CUDA, which aborts the worker (seen on an
-        # H100). Frozen objects are never collected in the workers (freezing is cheap; a gc.collect() here
-        # cost ~0.3 s per loader); the trainer unfreezes them right after the fork.
-        gc.freeze()
-        try:
-            it = iter(loader)
-        finally:
-            gc.unfreeze()
-    else:
-        it = iter(loader)
-    finished = False
-    try:
-        yield from it
-        finished = True
-    except UserError as e:
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        msg = lines[-1].split("UserError: ", 1)[-1] if lines else str(e)
-        raise UserError(msg) from None
-    finally:
-        if not (keep and finished):
-            getattr(it, "_shutdown_workers", lambda: None)()
-
-
-def count_samples(shards: list[str]) -> list[int]:
-    """Samples per shard by reading tar headers only (for shard lists without an index)."""
-    log.info("no sample counts for %d shards: counting them from tar headers", len(shards))
-    counts = []
-    for url in shards:
-        c = ShardCursor(url)
-        try:
-            counts.append(c.skip(1 << 62))
-        finally:
-            c.close()
-    return counts
-
-
 def build_train_stream(data: DataConfig, rank: int, world_size: int, *, img_size: int, augment: str, seed: int,
                        accum: int = 1) -> TrainStream:
     """The train stream of `data.train_urls` (arguments as `TrainStream`'s)."""
@@ -446,74 +303,3 @@ def build_train_stream(data: DataConfig, rank: int, world_size: int, *, img_size
 # ----------------------------------------------------------------------------- eval
 
 
-class _EvalSlots(IterableDataset):
-    def __init__(self, shards, counts, rank, world_size, workers, batch_size, decoder, num_classes):
-        self.shards, self.counts, self.rank, self.world = shards, counts, rank, world_size
-        self.workers, self.batch_size, self.decoder, self.num_classes = workers, batch_size, decoder, num_classes
-
-    def __iter__(self):
-        info = get_worker_info()
-        n = sum(self.counts)
-        a, b = self.rank * n // self.world, (self.rank + 1) * n // self.world
-        w, nw = (info.id, info.num_workers) if info else (0, 1)
-        a, b = a + w * (b - a) // nw, a + (w + 1) * (b - a) // nw
-        cum = np.concatenate([[0], np.cumsum(self.counts)])
-        reader = _Reader(self.shards)
-        bad: Counter = Counter()
-        imgs, labs = [], []
-        try:
-            for p in range(a, b):
-                sh = int(np.searchsorted(cum, p, "right") - 1)
-                got = _decode_one(reader.get(sh, p - int(cum[sh])), self.decoder, self.num_classes, bad)
-                if got is not None:
-                    imgs.append(got[0])
-                    labs.append(got[1])
-                if len(imgs) == self.batch_size or (p == b - 1 and imgs):
-                    yield _to_batch(imgs, labs)
-                    imgs, labs = [], []
-        finally:
-            reader.close()
-
-
-class EvalStream:
-    """Every sample exactly once across ranks, in index order, no drop; bad samples skipped and logged.
-
-    `data`: its batch_size, workers and the eval crop (eval_crop_pct) are read; `img_size`: the model's
-    input side in pixels."""
-
-    def __init__(self, urls, data: DataConfig, rank: int, world_size: int, *, img_size: int):
-        self.index = read_index(urls)
-        self.counts = self.index.counts or count_samples(self.index.shards)
-        self.num_classes = len(self.index.classes)
-        self.num_samples = sum(self.counts)
-        self.data, self.rank, self.world_size = data, rank, world_size
-        self.decoder = Decoder("eval", img_size, data)
-
-    def __iter__(self):
-        workers = self.data.workers
-        ds = _EvalSlots(self.index.shards, self.counts, self.rank, self.world_size, max(1, workers),
-                        self.data.batch_size, self.decoder, self.num_classes)
-        loader = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                            worker_init_fn=_worker_init if workers else None,
-                            generator=generator(self.rank))  # leaves the global generator alone
-        yield from _reraise_user_errors(loader)
-
-
-def build_eval_stream(urls, data: DataConfig, rank: int, world_size: int, *, img_size: int) -> EvalStream:
-    """The eval stream of `urls` (arguments as `EvalStream`'s)."""
-    return EvalStream(urls, data, rank, world_size, img_size=img_size)
-
-
-@functools.lru_cache(maxsize=16)
-def _affine(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) of normalize as (1, C, 1, 1) fp32 tensors on `device`, made once per device: built
-    every call they cost two blocking host-to-device copies per step."""
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    return (1.0 / (std_t * 255)).to(device), (-mean_t / std_t).to(device)
-
-
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, C, H, W) on the device -> float32 normalised with per-channel mean/std (given in 0..1)."""
-    scale, shift = _affine(tuple(mean), tuple(std), images.device)
-    return images.float().mul_(scale).add_(shift)  # x / (255 std) - mean / std, in place on one new tensor

@@ -14,6 +14,7 @@ otherwise.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -185,3 +186,18 @@ class Decoder:
         x = (torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() - mean) / std
         x = self.erase(x) * std + mean
         return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of normalize as (1, C, 1, 1) fp32 tensors on `device`, made once per device: built
+    every call they cost two blocking host-to-device copies per step."""
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    return (1.0 / (std_t * 255)).to(device), (-mean_t / std_t).to(device)
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, C, H, W) on the device -> float32 normalised with per-channel mean/std (given in 0..1)."""
+    scale, shift = _affine(tuple(mean), tuple(std), images.device)
+    return images.float().mul_(scale).add_(shift)  # x / (255 std) - mean / std, in place on one new tensor
