@@ -223,11 +223,8 @@ class Trainer:
         self.step = int(client["step"])
         self.epoch = int(client["epoch"])
         self.samples_seen = int(client["samples_seen"])
-        self.skipped_total = int(client.get("skipped_total", 0))
-        # the schedule keeps its place in images seen (older checkpoints: derived from their steps and batch)
-        horizon = client.get("schedule") or build_schedule(
-            self.cfg.optim, client["effective_batch"], self.stream.num_samples // client["effective_batch"],
-            client["total_steps"]).state_dict()
+        self.skipped_total = int(client["skipped_total"])
+        horizon = client["schedule"]  # warm-up and cosine keep their place in images seen
         self.schedule = build_schedule(self.cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps,
                                        horizon=horizon)
         if client["effective_batch"] != self.effective_batch:
