@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import secrets
 import subprocess
@@ -27,7 +26,6 @@ import time
 from dataclasses import dataclass
 
 import fsspec
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -71,31 +69,6 @@ def _write_atomic(path: str, text: str) -> None:
     with fs.open(tmp, "w") as f:
         f.write(text)
     fs.mv(tmp, p)
-
-
-def rng_state() -> dict:
-    """This rank's generators; of the GPUs only its own device's (a resume may see fewer GPUs)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available():
-        device = torch.cuda.current_device()
-        cuda = cuda_rng_for(state.get("cuda"), device)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-
-
-def cuda_rng_for(saved, device: int):
-    """The saved CUDA generator state for device `device`: the one tensor a checkpoint holds, or from an
-    older checkpoint's list of every visible GPU's states the device's entry (None if it had fewer)."""
-    if isinstance(saved, (list, tuple)):
-        return saved[device] if device < len(saved) else None
-    return saved
 
 
 def _gather(obj, world_size: int) -> list:
@@ -147,8 +120,9 @@ def save(engine, ckpt_dir: str, step: int, client: dict, *, rank: int, world_siz
     tag = tag_of(step)
     nonce = _nonce(world_size)
     tmp_tag = f"{tag}.tmp-{nonce}"
-    # per-rank state (data position, RNG) gathered so any rank count can resume from it
-    per_rank = _gather({"data": client.pop("data_state"), "rng": rng_state()}, world_size)
+    # every rank's data position, gathered so any rank count can resume from it (no generator state: every
+    # draw is seeded from where the run is, pretrain/rng.py; checkpoints that hold one load, it is unused)
+    per_rank = _gather({"data": client.pop("data_state")}, world_size)
     client = dict(client, per_rank=per_rank, world_size=world_size)
     try:
         engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=client, save_latest=False)
@@ -378,7 +352,7 @@ def load_resume(engine, points: list[ResumePoint], fallback: bool, *, rank: int,
 def load_client_state(ckpt_dir: str, tag: str) -> dict:
     """Our client state straight from a DeepSpeed tag folder (written by rank 0 with the module)."""
     path = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
-    # numpy RNG state next to tensors: read as DeepSpeed reads it, once checked to call nothing else
+    # DeepSpeed's metadata next to tensors: read as DeepSpeed reads it, once checked to call nothing else
     check_torch_file(path)
     state = torch.load(path, map_location="cpu", weights_only=False)
     skip = {"module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",

@@ -219,7 +219,9 @@ class Trainer:
             json.dump(model, f, indent=2)
 
     def _load(self, point: ckpt.ResumePoint, tag: str, client: dict) -> None:
-        """Take over a loaded checkpoint's position: step, epoch, data, RNG (the policy: ckpt.load_resume)."""
+        """Take over a loaded checkpoint's position: step, epoch, data (the policy: ckpt.load_resume). A
+        checkpoint of an earlier version may also hold RNG states: unused, every draw is seeded from the
+        run's position (pretrain/rng.py)."""
         self.step = int(client["step"])
         self.epoch = int(client["epoch"])
         self.samples_seen = int(client["samples_seen"])
@@ -237,11 +239,8 @@ class Trainer:
                       f"{old:.4g} -> {self.schedule.peak_lr:.4g} (optim.lr_per_256 x batch / 256); warm-up and "
                       f"cosine continue at {self.samples_seen} of {horizon['total_samples']} images", file=sys.stderr)
         per_rank = client["per_rank"]
-        if len(per_rank) == self.world:
-            self.stream.load_state_dict(per_rank[self.rank]["data"])
-            ckpt.set_rng_state(per_rank[self.rank]["rng"])
-        else:  # another world size: the stream re-splits the rest of the epoch from any rank's state
-            self.stream.load_state_dict(per_rank[0]["data"])
+        # on another world size the stream re-splits the rest of the epoch from any rank's position
+        self.stream.load_state_dict(per_rank[self.rank if len(per_rank) == self.world else 0]["data"])
         self.last_good_tag = point.tag if point.folder.rstrip("/") == self.ckpt_dir.rstrip("/") else None  # elsewhere: save here too
         if self.rank == 0:
             print(f"resumed from {point.folder}/{tag} at step {self.step} (epoch {self.epoch})", file=sys.stderr)
