@@ -30,8 +30,8 @@ from pretrain.engine.ds import initialize, resolve_device, resolve_precision
 from pretrain.engine.metrics import MetricsLogger, peak_flops
 from pretrain.engine.schedule import build_schedule, peak_lr
 from pretrain.errors import EXIT_PEER_FAILED, EXIT_REQUEUE, UserError
-from pretrain.models import model_kwargs, num_params
-from pretrain.tasks import build_task, task_class
+from pretrain.models import num_params
+from pretrain.tasks import build_task, model_record, task_class
 
 EXIT_NONFINITE = 1
 FAULT_ENV = "VIT_PRETRAIN_FAULT"
@@ -130,23 +130,16 @@ class Trainer:
         self.rank, self.world = env.rank, env.world_size
         self.device = resolve_device(cfg.run, env.local_rank)
         self.precision = resolve_precision(cfg.deepspeed, self.device)
-        if cfg.task.kind == "finetune" and cfg.finetune.ema_decay > 0 and self.precision.input_dtype != torch.float32:
-            raise UserError(f"config key finetune.ema_decay: a weight EMA needs fp32 weights, but deepspeed.precision="
-                            f"{cfg.deepspeed.precision} (bf16_mode={cfg.deepspeed.bf16_mode}) keeps the module in "
-                            f"{self.precision.input_dtype}, where updates of (1 - decay) x the change round away; "
-                            "use deepspeed.bf16_mode=autocast or finetune.ema_decay=0")
+        task_cls = task_class(cfg)
+        task_cls.check_precision(cfg, self.precision.input_dtype)
         self.run_dir = f"{cfg.run.out_dir.rstrip('/')}/{cfg.run.name}"
         self.ckpt_dir = f"{self.run_dir}/checkpoints"
 
         self.stream = stream if stream is not None else build_train_stream(cfg, self.rank, self.world)
         self._check_eval_urls()
-        if cfg.task.kind == "mae":
-            self.num_classes = 0
-        else:
+        self.num_classes = 0  # a Task that needs labels refuses 0
+        if task_cls.needs_labels:
             self.num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else self.stream.num_classes
-            if self.num_classes <= 0:
-                raise UserError(f"task.kind={cfg.task.kind} needs classes but the training shard index names none "
-                                f"({cfg.data.train_urls!r}); set model.num_classes or write shards with labels")
         accum = cfg.optim.accum_steps
         self.steps_per_epoch = self.stream.batches_per_epoch // accum
         if self.steps_per_epoch < 1:
@@ -158,7 +151,7 @@ class Trainer:
         self.schedule = build_schedule(cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps)
 
         rng.seed_all(cfg.run.seed)  # identical initial weights on every rank (each step reseeds: rng.py)
-        pretrained = load_source(cfg.finetune.init_from) if task_class(cfg.task.kind).needs_pretrained else None
+        pretrained = load_source(cfg.finetune.init_from) if task_cls.needs_pretrained else None
         self.task = build_task(cfg, self.num_classes, pretrained)
         self.task.rank = self.rank
 
@@ -170,7 +163,7 @@ class Trainer:
                                                  load_universal=load_universal)
         self.module = self.engine.module
         self.zero3 = self.engine.zero_optimization_stage() == 3
-        self.mixup = self._build_mixup()
+        self.mixup = self._build_mixup() if task_cls.needs_labels else None
         self.fixed_images = None
         self.step, self.epoch, self.samples_seen = 0, 0, 0
         self.skipped_total, self.skipped_run = 0, 0
@@ -212,11 +205,8 @@ class Trainer:
         fs.makedirs(root, exist_ok=True)
         with fs.open(f"{root}/config.yaml", "w") as f:
             f.write(to_yaml(self.cfg))
-        kwargs = model_kwargs(self.cfg.model, self.num_classes)
-        model = {"task": self.cfg.task.kind, "create_model": {"name": self.cfg.model.arch, **kwargs},
-                 "num_classes": self.num_classes}
         with fs.open(f"{root}/model.json", "w") as f:
-            json.dump(model, f, indent=2)
+            json.dump(model_record(self.cfg, self.num_classes), f, indent=2)
 
     def _load(self, point: ckpt.ResumePoint, tag: str, client: dict) -> None:
         """Take over a loaded checkpoint's position: step, epoch, data (the policy: ckpt.load_resume). A
@@ -247,7 +237,7 @@ class Trainer:
 
     def _build_mixup(self):
         t = self.cfg.task
-        if self.cfg.task.kind == "mae" or (t.mixup_alpha <= 0 and t.cutmix_alpha <= 0):
+        if t.mixup_alpha <= 0 and t.cutmix_alpha <= 0:
             return None
         if self.cfg.data.batch_size % 2:
             raise UserError(f"config key data.batch_size: got {self.cfg.data.batch_size}, Mixup/CutMix needs an "
@@ -292,11 +282,11 @@ class Trainer:
 
         d = self.cfg.data
         images = normalize(images.to(self.device, non_blocking=True), d.mean, d.std).to(self.precision.input_dtype)
-        labels = labels.to(self.device, non_blocking=True)
         if self.fixed_images is None:  # the pictures' images: rank's first batch, before Mixup/CutMix
             self.fixed_images = images[:4].detach().float().clone()
-        if self.cfg.task.kind == "mae":
+        if not self.module.needs_labels:
             return images, None
+        labels = labels.to(self.device, non_blocking=True)
         if self.mixup is not None:
             images, labels = self.mixup(images, labels)
         return images, labels
@@ -511,21 +501,17 @@ class Trainer:
         self.log.scalars(self.step, "knn", {"top1": top1})
 
     def _images(self) -> None:
-        from pretrain.viz.tensorboard import attention_grid, mae_grid
-
+        """The Task's TensorBoard pictures (Task.pictures) of this rank's first images."""
         if self.fixed_images is None:
             return
         d = self.cfg.data
         x = self.fixed_images.to(self.precision.input_dtype)  # the module's dtype (half under fp16)
         self.engine.eval()
         with torch.no_grad(), self._gathered(), self._autocast():
-            if self.cfg.task.kind == "mae":
-                from pretrain.tasks.mae import mask_noise
-
-                noise = mask_noise(self.cfg.run.seed, 0, self.rank, x.shape[0], self.module.num_patches, x.device)
-                self.log.image("mae/input_masked_reconstruction", mae_grid(self.module, x, noise, d.mean, d.std), self.step)
-            self.log.image("attention/last_block", attention_grid(self.module.encoder, x, d.mean, d.std), self.step)
+            pictures = self.module.pictures(x, d.mean, d.std)
         self.engine.train()
+        for tag, grid in pictures.items():
+            self.log.image(tag, grid, self.step)
 
 
 class _Window:
