@@ -24,11 +24,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import fsspec
 import torch
 import torch.distributed as dist
 
+from pretrain.engine.metrics import Console
 from pretrain.engine.trust import check_torch_file, check_torch_files
 from pretrain.errors import UserError, first_line
 from pretrain.fs import is_local
@@ -229,11 +231,11 @@ class ResumePoint:
         return self.meta["world_size"] != world_size and self.meta["zero_stage"] >= 1
 
 
-def _warn(msg: str) -> None:
-    print(f"vit-pretrain: warning: {msg}", file=sys.stderr, flush=True)
+Warn = Callable[[str], None]
+"""Where resume's warnings go: the trainer's rank-0 console (default: stderr)."""
 
 
-def _complete(ckpt_dir: str, warn: bool) -> list[ResumePoint]:
+def _complete(ckpt_dir: str, warn: Warn) -> list[ResumePoint]:
     """The folder's complete checkpoints, newest first: tags up to `latest` (all tags when `latest` is
     missing or unreadable: a tag folder exists only once complete) whose meta.json reads."""
     fs, root = fsspec.core.url_to_fs(ckpt_dir)
@@ -245,20 +247,18 @@ def _complete(ckpt_dir: str, warn: bool) -> list[ResumePoint]:
         latest = None
     entries = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
     if latest is not None and not TAG_RE.match(latest):
-        if warn:
-            _warn(f"{ckpt_dir}/latest names {latest[:40]!r}, not a checkpoint tag; looking at every tag")
+        warn(f"{ckpt_dir}/latest names {latest[:40]!r}, not a checkpoint tag; looking at every tag")
         latest = None
     points = []
     for tag in sorted((t for t in entries if TAG_RE.match(t) and (latest is None or t <= latest)), reverse=True):
         try:
             points.append(ResumePoint(ckpt_dir, tag, read_meta(ckpt_dir, tag)))
         except UserError as e:
-            if warn:
-                _warn(f"skipping {e}")
+            warn(f"skipping {e}")
     return points
 
 
-def resume_points(resume: str, ckpt_dir: str, *, rank: int = 0) -> tuple[list[ResumePoint], bool]:
+def resume_points(resume: str, ckpt_dir: str, *, warn: Warn = Console(True).warn) -> tuple[list[ResumePoint], bool]:
     """(checkpoints to try, newest first; whether to fall back past one that fails to load).
 
     `resume`: `never`; `auto` (this run's complete checkpoints: fall back to older ones); or a path to a
@@ -266,7 +266,7 @@ def resume_points(resume: str, ckpt_dir: str, *, rank: int = 0) -> tuple[list[Re
     if resume == "never":
         return [], False
     if resume == "auto":
-        return _complete(ckpt_dir, warn=rank == 0), True
+        return _complete(ckpt_dir, warn), True
     path = resume.rstrip("/")
     fs, root = fsspec.core.url_to_fs(path)
     if fs.exists(f"{root}/latest"):  # a checkpoints/ folder
@@ -314,7 +314,7 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
 
 
 def load_resume(engine, points: list[ResumePoint], fallback: bool, *, rank: int, world_size: int,
-                universal: bool) -> tuple[ResumePoint, str, dict]:
+                universal: bool, warn: Warn = Console(True).warn) -> tuple[ResumePoint, str, dict]:
     """Load the first of `points` that every rank can load -> (point, loaded tag, client state).
 
     `universal`: the engine was built to load DeepSpeed's universal format (a world-size change of
@@ -344,8 +344,7 @@ def load_resume(engine, points: list[ResumePoint], fallback: bool, *, rank: int,
         if i == len(points) - 1:
             raise UserError(f"{errors[0]}; no older complete checkpoint to fall back to: fix or move it, "
                             "or start afresh with checkpoint.resume=never and a new run.name")
-        if rank == 0:
-            _warn(f"{errors[0]}; falling back to {points[i + 1].path}")
+        warn(f"{errors[0]}; falling back to {points[i + 1].path}")
     raise AssertionError("unreachable: load_resume needs at least one point")
 
 
