@@ -1,6 +1,7 @@
 """Fine-tune and linear-probe tasks: init from exported weights, pos-embed resampling, layer decay,
 the probe's BatchNorm folded into an exported plain-timm head; end-to-end runs on digits shards."""
 import json
+import re
 
 import pytest
 import torch
@@ -164,6 +165,12 @@ def _train_export_eval(cli, d, kind, name, *extra):
             f"run.out_dir={d / 'runs'}", f"run.name={name}", "checkpoint.resume=never", "logging.progress=false",
             "logging.images_every_steps=0", "deepspeed.bucket_size=1048576", *extra, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
+    # the progress bar is off: the run still ends with one line saying what it did and what to run next
+    last = p.stderr.strip().splitlines()[-1]
+    tag, run = (run_dir / "checkpoints/latest").read_text().strip(), re.escape(str(run_dir))
+    assert re.fullmatch(rf"vit-pretrain train: done: {int(tag[5:])} steps, loss \d+\.\d{{4}}, val top-1 [01]\.\d{{4}}; "
+                        rf"checkpoint {run}/checkpoints/{tag}, metrics {run}/metrics.jsonl; "
+                        rf"export with: vit-pretrain export {run}", last), last
     val = _last_val(run_dir)
     # export and score in-process (the CLIs are covered by test_export / test_eval): plain timm from the file
     from pretrain.data import build_eval_stream

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import threading
 import time
@@ -245,6 +246,8 @@ class Trainer:
                 self._save()
             self.final.update(self.monitors.evaluate(self.step) or {})
         self.log.close()
+        if not stopped_early:
+            self._say_done()
         return {**self.final, "run_dir": self.run_dir, "step": self.step, "epoch": self.epoch,
                 "samples_seen": self.samples_seen, "skipped_steps": self.guard.total,
                 "stopped_early": stopped_early}
@@ -369,6 +372,15 @@ class Trainer:
             row["bad_samples"] = sum(bad.values())
         self.log.log(self.step, {k: v for k, v in row.items() if v is not None})
         self.final = row
+
+    def _say_done(self) -> None:
+        """The run's last line: how far it got, where its files are, and what to run next."""
+        loss, top1 = self.final.get("loss"), self.final.get("val_top1")
+        result = f", loss {loss:.4f}" if loss is not None else ""
+        result += f", val top-1 {top1:.4f}" if top1 is not None else ""
+        self.console.info(f"vit-pretrain train: done: {self.step} steps{result}; checkpoint "
+                          f"{self.ckpt_dir}/{self.last_good_tag}, metrics {self.run_dir}/metrics.jsonl; "
+                          f"export with: vit-pretrain export {shlex.quote(self.run_dir)}")
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:
