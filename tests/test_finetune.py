@@ -1,6 +1,7 @@
 """Fine-tune and linear-probe tasks: init from exported weights, pos-embed resampling, layer decay,
 the probe's BatchNorm folded into an exported plain-timm head; end-to-end runs on digits shards."""
 import json
+import re
 
 import pytest
 import torch
@@ -29,13 +30,20 @@ def cfg_for(kind, init_from, *extra):
                               "model.arch=vit_nano_patch4_16", *extra])
 
 
+def build(cls, cfg, num_classes):
+    """A Task that starts from `finetune.init_from`, loaded as the engine loads it."""
+    from pretrain.engine.consolidate import load_source
+
+    return cls(cfg, num_classes, load_source(cfg.finetune.init_from))
+
+
 def test_finetune_resamples_pos_embed_to_a_larger_image(tmp_path):
     from timm.layers import resample_abs_pos_embed
 
     from pretrain.tasks.finetune import FinetuneTask
 
     src = export_nano(tmp_path / "enc.safetensors")
-    task = FinetuneTask(cfg_for("finetune", tmp_path / "enc.safetensors", "model.img_size=32"), num_classes=7)
+    task = build(FinetuneTask, cfg_for("finetune", tmp_path / "enc.safetensors", "model.img_size=32"), 7)
     assert task.encoder.pos_embed.shape == (1, 1 + 8 * 8, 32)
     want = resample_abs_pos_embed(src.pos_embed.detach(), new_size=(8, 8), num_prefix_tokens=1)
     torch.testing.assert_close(task.encoder.pos_embed.detach(), want)
@@ -49,7 +57,7 @@ def test_finetune_avg_pool_takes_the_class_token_norm(tmp_path):
     from pretrain.tasks.finetune import FinetuneTask
 
     src = export_nano(tmp_path / "enc.safetensors")
-    task = FinetuneTask(cfg_for("finetune", tmp_path / "enc.safetensors", "model.global_pool=avg"), num_classes=3)
+    task = build(FinetuneTask, cfg_for("finetune", tmp_path / "enc.safetensors", "model.global_pool=avg"), 3)
     torch.testing.assert_close(task.encoder.fc_norm.weight, src.norm.weight)
 
 
@@ -58,7 +66,7 @@ def test_layer_decay_groups(tmp_path):
 
     export_nano(tmp_path / "enc.safetensors")
     cfg = cfg_for("finetune", tmp_path / "enc.safetensors", "finetune.layer_decay=0.5")
-    task = FinetuneTask(cfg, num_classes=3)
+    task = build(FinetuneTask, cfg, 3)
     groups = task.param_groups(cfg)
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     enc = task.encoder
@@ -78,7 +86,7 @@ def test_ema_tracks_once_per_optimizer_step(tmp_path):
 
     export_nano(tmp_path / "enc.safetensors")
     cfg = cfg_for("finetune", tmp_path / "enc.safetensors", "finetune.ema_decay=0.5", "optim.accum_steps=2")
-    task = FinetuneTask(cfg, num_classes=3)
+    task = build(FinetuneTask, cfg, 3)
     assert not any(p.requires_grad for p in task.ema.parameters())
     assert all(g["params"][0] is not None for g in task.param_groups(cfg))
     ema_ids = {id(p) for p in task.ema.parameters()}
@@ -97,7 +105,7 @@ def test_linprobe_freezes_the_encoder_and_exports_as_plain_timm(tmp_path):
 
     src = export_nano(tmp_path / "enc.safetensors")
     cfg = cfg_for("linprobe", tmp_path / "enc.safetensors", "model.drop_path_rate=0.1")
-    task = LinprobeTask(cfg, num_classes=4)
+    task = build(LinprobeTask, cfg, 4)
     trainable = {n for n, p in task.named_parameters() if p.requires_grad}
     assert trainable == {"encoder.head.weight", "encoder.head.bias"}
     assert [p for g in task.param_groups(cfg) for p in g["params"]] == [task.encoder.head.weight, task.encoder.head.bias]
@@ -127,7 +135,7 @@ def test_missing_init_is_a_user_error(tmp_path, cli):
     from pretrain.tasks.finetune import FinetuneTask
 
     with pytest.raises(UserError, match="not found"):
-        FinetuneTask(cfg_for("finetune", tmp_path / "nope.safetensors"), num_classes=3)
+        build(FinetuneTask, cfg_for("finetune", tmp_path / "nope.safetensors"), 3)
 
 
 # ----------------------------------------------------------------------------- end to end (real CLI)
@@ -157,6 +165,12 @@ def _train_export_eval(cli, d, kind, name, *extra):
             f"run.out_dir={d / 'runs'}", f"run.name={name}", "checkpoint.resume=never", "logging.progress=false",
             "logging.images_every_steps=0", "deepspeed.bucket_size=1048576", *extra, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
+    # the progress bar is off: the run still ends with one line saying what it did and what to run next
+    last = p.stderr.strip().splitlines()[-1]
+    tag, run = (run_dir / "checkpoints/latest").read_text().strip(), re.escape(str(run_dir))
+    assert re.fullmatch(rf"vit-pretrain train: done: {int(tag[5:])} steps, loss \d+\.\d{{4}}, val top-1 [01]\.\d{{4}}; "
+                        rf"checkpoint {run}/checkpoints/{tag}, metrics {run}/metrics.jsonl; "
+                        rf"export with: vit-pretrain export {run}", last), last
     val = _last_val(run_dir)
     # export and score in-process (the CLIs are covered by test_export / test_eval): plain timm from the file
     from pretrain.evaluation.evaluate import eval_stream, evaluate

@@ -152,3 +152,30 @@ def test_timm_is_imported_after_the_torchvision_shim():
                 unshimmed.append(f"{rel}:{line}")
     assert not unshimmed, f"timm or torchvision imported before `import pretrain._compat`: {unshimmed}"
 
+
+
+def _task_kind_reads(source: str) -> list[int]:
+    """Lines of `source` that read a `.kind` attribute (`cfg.task.kind`, `x.kind == ...`) or name it as a string
+    (`getattr(t, "kind")`)."""
+    return sorted(node.lineno for node in ast.walk(ast.parse(source))
+            if (isinstance(node, ast.Attribute) and node.attr == "kind")
+            or (isinstance(node, ast.Constant) and node.value == "kind"))
+
+
+def test_the_engine_asks_the_task_and_never_branches_on_its_kind():
+    """The engine learns what a Task needs from the Task interface (pretrain/tasks/__init__.py: `Task`): it
+    reads no `task.kind` and imports no particular task's module. No exceptions."""
+    task_modules = {f"pretrain.tasks.{p.stem}" for p in (REPO / "pretrain/tasks").glob("*.py") if p.stem != "__init__"}
+    found = []
+    for path in _files("pretrain/engine"):
+        name = path.relative_to(REPO)
+        found += [f"{name}:{line} reads .kind" for line in _task_kind_reads(path.read_text())]
+        found += [f"{name} imports {m}" for m in sorted(_imports(path))
+                  if any(m == t or m.startswith(t + ".") for t in task_modules)]
+    assert not found, found
+
+
+def test_the_kind_scan_sees_every_form():
+    source = ("if cfg.task.kind == 'mae':\n    pass\nk = getattr(cfg.task, 'kind')\n"
+              "def f(task):\n    return task.kind\n")
+    assert _task_kind_reads(source) == [1, 3, 5]

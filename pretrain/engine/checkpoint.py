@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import secrets
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import fsspec
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.engine.metrics import Console
 from pretrain.engine.trust import check_torch_file, check_torch_files
 from pretrain.errors import UserError, first_line
 from pretrain.fs import is_local
@@ -71,31 +71,6 @@ def _write_atomic(path: str, text: str) -> None:
     with fs.open(tmp, "w") as f:
         f.write(text)
     fs.mv(tmp, p)
-
-
-def rng_state() -> dict:
-    """This rank's generators; of the GPUs only its own device's (a resume may see fewer GPUs)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available():
-        device = torch.cuda.current_device()
-        cuda = cuda_rng_for(state.get("cuda"), device)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-
-
-def cuda_rng_for(saved, device: int):
-    """The saved CUDA generator state for device `device`: the one tensor a checkpoint holds, or from an
-    older checkpoint's list of every visible GPU's states the device's entry (None if it had fewer)."""
-    if isinstance(saved, (list, tuple)):
-        return saved[device] if device < len(saved) else None
-    return saved
 
 
 def _gather(obj, world_size: int) -> list:
@@ -147,8 +122,9 @@ def save(engine, ckpt_dir: str, step: int, client: dict, *, rank: int, world_siz
     tag = tag_of(step)
     nonce = _nonce(world_size)
     tmp_tag = f"{tag}.tmp-{nonce}"
-    # per-rank state (data position, RNG) gathered so any rank count can resume from it
-    per_rank = _gather({"data": client.pop("data_state"), "rng": rng_state()}, world_size)
+    # every rank's data position, gathered so any rank count can resume from it (no generator state: every
+    # draw is seeded from where the run is, pretrain/rng.py; checkpoints that hold one load, it is unused)
+    per_rank = _gather({"data": client.pop("data_state")}, world_size)
     client = dict(client, per_rank=per_rank, world_size=world_size)
     try:
         engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=client, save_latest=False)
@@ -255,11 +231,11 @@ class ResumePoint:
         return self.meta["world_size"] != world_size and self.meta["zero_stage"] >= 1
 
 
-def _warn(msg: str) -> None:
-    print(f"vit-pretrain: warning: {msg}", file=sys.stderr, flush=True)
+Warn = Callable[[str], None]
+"""Where resume's warnings go: the trainer's rank-0 console (default: stderr)."""
 
 
-def _complete(ckpt_dir: str, warn: bool) -> list[ResumePoint]:
+def _complete(ckpt_dir: str, warn: Warn) -> list[ResumePoint]:
     """The folder's complete checkpoints, newest first: tags up to `latest` (all tags when `latest` is
     missing or unreadable: a tag folder exists only once complete) whose meta.json reads."""
     fs, root = fsspec.core.url_to_fs(ckpt_dir)
@@ -271,20 +247,18 @@ def _complete(ckpt_dir: str, warn: bool) -> list[ResumePoint]:
         latest = None
     entries = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
     if latest is not None and not TAG_RE.match(latest):
-        if warn:
-            _warn(f"{ckpt_dir}/latest names {latest[:40]!r}, not a checkpoint tag; looking at every tag")
+        warn(f"{ckpt_dir}/latest names {latest[:40]!r}, not a checkpoint tag; looking at every tag")
         latest = None
     points = []
     for tag in sorted((t for t in entries if TAG_RE.match(t) and (latest is None or t <= latest)), reverse=True):
         try:
             points.append(ResumePoint(ckpt_dir, tag, read_meta(ckpt_dir, tag)))
         except UserError as e:
-            if warn:
-                _warn(f"skipping {e}")
+            warn(f"skipping {e}")
     return points
 
 
-def resume_points(resume: str, ckpt_dir: str, *, rank: int = 0) -> tuple[list[ResumePoint], bool]:
+def resume_points(resume: str, ckpt_dir: str, *, warn: Warn = Console(True).warn) -> tuple[list[ResumePoint], bool]:
     """(checkpoints to try, newest first; whether to fall back past one that fails to load).
 
     `resume`: `never`; `auto` (this run's complete checkpoints: fall back to older ones); or a path to a
@@ -292,7 +266,7 @@ def resume_points(resume: str, ckpt_dir: str, *, rank: int = 0) -> tuple[list[Re
     if resume == "never":
         return [], False
     if resume == "auto":
-        return _complete(ckpt_dir, warn=rank == 0), True
+        return _complete(ckpt_dir, warn), True
     path = resume.rstrip("/")
     fs, root = fsspec.core.url_to_fs(path)
     if fs.exists(f"{root}/latest"):  # a checkpoints/ folder
@@ -340,7 +314,7 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
 
 
 def load_resume(engine, points: list[ResumePoint], fallback: bool, *, rank: int, world_size: int,
-                universal: bool) -> tuple[ResumePoint, str, dict]:
+                universal: bool, warn: Warn = Console(True).warn) -> tuple[ResumePoint, str, dict]:
     """Load the first of `points` that every rank can load -> (point, loaded tag, client state).
 
     `universal`: the engine was built to load DeepSpeed's universal format (a world-size change of
@@ -370,15 +344,14 @@ def load_resume(engine, points: list[ResumePoint], fallback: bool, *, rank: int,
         if i == len(points) - 1:
             raise UserError(f"{errors[0]}; no older complete checkpoint to fall back to: fix or move it, "
                             "or start afresh with checkpoint.resume=never and a new run.name")
-        if rank == 0:
-            _warn(f"{errors[0]}; falling back to {points[i + 1].path}")
+        warn(f"{errors[0]}; falling back to {points[i + 1].path}")
     raise AssertionError("unreachable: load_resume needs at least one point")
 
 
 def load_client_state(ckpt_dir: str, tag: str) -> dict:
     """Our client state straight from a DeepSpeed tag folder (written by rank 0 with the module)."""
     path = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
-    # numpy RNG state next to tensors: read as DeepSpeed reads it, once checked to call nothing else
+    # DeepSpeed's metadata next to tensors: read as DeepSpeed reads it, once checked to call nothing else
     check_torch_file(path)
     state = torch.load(path, map_location="cpu", weights_only=False)
     skip = {"module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",

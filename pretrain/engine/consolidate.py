@@ -96,14 +96,9 @@ def run_meta(run_dir: str) -> dict[str, Any]:
         meta = read_json(url)
     except FileNotFoundError:
         raise UserError(f"{run_dir} has no model.json: not a vit-pretrain run directory") from None
-    spec = dict(meta["create_model"])
-    if "kwargs" in spec:
-        name, kwargs = spec["name"], dict(spec["kwargs"])
-    else:
-        name = spec.pop("name")
-        kwargs = spec
-    return {"task": meta.get("task", ""), "name": name, "kwargs": kwargs,
-            "num_classes": meta.get("num_classes", kwargs.get("num_classes", 0))}
+    kwargs = dict(meta["create_model"])  # timm's create_model arguments (pretrain.tasks.model_record)
+    name = kwargs.pop("name")
+    return {"task": meta["task"], "name": name, "kwargs": kwargs, "num_classes": meta["num_classes"]}
 
 
 def load_source(source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

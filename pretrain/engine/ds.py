@@ -3,6 +3,7 @@ the optimizer (torch AdamW, fused on CUDA; DeepSpeed's own Adams by choice or fo
 `deepspeed.initialize`."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,13 @@ def resolve_precision(ds_cfg, device: torch.device) -> Precision:
     if name == "fp16":
         return Precision("fp16", None, torch.float16)
     return Precision("fp32", None, torch.float32)
+
+
+def autocast(precision: Precision, device: torch.device):
+    """The forward's context: torch.autocast to bf16 when `precision` computes under autocast, else none."""
+    if precision.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision.autocast)
 
 
 def bucket_elements(configured: int, num_params: int, hidden: int) -> int:

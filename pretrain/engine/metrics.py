@@ -1,6 +1,7 @@
-"""Rank-0 logging: a progress bar, `metrics.jsonl` (one object per logging step) and TensorBoard.
+"""Rank-0 logging: lines for a person on stderr (`Console`), a progress bar, `metrics.jsonl` (one object per
+logging step) and TensorBoard (`MetricsLogger`), and the sums they average (`Window`).
 
-Other ranks get a logger that does nothing, so the loop calls it unconditionally.
+Other ranks get a console and a logger that do nothing, so the engine calls them unconditionally.
 """
 from __future__ import annotations
 
@@ -27,10 +28,31 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-class MetricsLogger:
-    def __init__(self, run_dir: str, *, enabled: bool, tensorboard: bool, progress: bool, total_steps: int,
-                 start_step: int):
+class Console:
+    """The engine's one way to tell a person something: a line on stderr from rank 0 (other ranks say nothing),
+    written above the progress bar while one shows."""
+
+    def __init__(self, enabled: bool):
         self.enabled = enabled
+        self.bar = None  # set by MetricsLogger while its progress bar shows
+
+    def info(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def warn(self, msg: str) -> None:
+        self.info(f"vit-pretrain: warning: {msg}")
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, console: Console, *, tensorboard: bool, progress: bool, total_steps: int,
+                 start_step: int):
+        self.enabled = enabled = console.enabled
+        self.console = console
         self.run_dir = run_dir
         self.tb = None
         self.bar = None
@@ -45,8 +67,8 @@ class MetricsLogger:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=1.0)
+            self.bar = console.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                                          file=sys.stderr, mininterval=1.0)
 
     def log(self, step: int, values: dict) -> None:
         """One logging step: values are plain floats/ints (already read from the device)."""
@@ -87,19 +109,43 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(n)
 
-    def info(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(msg, file=sys.stderr)
-        else:
-            print(msg, file=sys.stderr, flush=True)
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = self.console.bar = None
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+class Window:
+    """Sums of per-step metrics between two logging steps, kept on the device until read."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counted = 0  # steps whose metrics were added (applied steps)
+        self.steps = 0
+        self.skipped = 0
+        self.data_wait = 0.0  # seconds waited for batches
+        self.t0 = time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.counted += 1
+
+    def read(self, world_size: int) -> dict:
+        """Window means, averaged over ranks (a collective: every rank calls it at the same step)."""
+        if not self.sums:  # every step of the window was skipped (on every rank: the skip is global)
+            return {"loss": float("nan")}
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).div(self.counted)
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(values)
+            values = values / world_size
+        return dict(zip(keys, values.tolist()))

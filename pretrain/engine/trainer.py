@@ -7,11 +7,9 @@ the Python entry point.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
-import signal
+import shlex
 import sys
 import threading
 import time
@@ -26,23 +24,18 @@ from pretrain import rng
 from pretrain.config import Config, load_config, split_config_args, to_yaml
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.consolidate import load_source
-from pretrain.engine.ds import initialize, resolve_precision
-from pretrain.engine.metrics import MetricsLogger, peak_flops
+from pretrain.engine.ds import autocast, initialize, resolve_precision
+from pretrain.engine.faults import Faults
+from pretrain.engine.guard import NonFiniteError, NonFiniteGuard
+from pretrain.engine.metrics import Console, MetricsLogger, Window, peak_flops
+from pretrain.engine.monitors import Monitors, check_eval_urls
 from pretrain.engine.schedule import build_schedule, peak_lr
+from pretrain.engine.stopping import stop_requested, stop_signals
 from pretrain.errors import EXIT_PEER_FAILED, EXIT_REQUEUE, UserError
-from pretrain.models import model_kwargs, num_params
-from pretrain.tasks import build_task, task_class
+from pretrain.models import num_params, resolve_arch
+from pretrain.tasks import build_task, model_record, task_class
 
 EXIT_NONFINITE = 1
-FAULT_ENV = "VIT_PRETRAIN_FAULT"
-"""Fault injection for the chaos tests (tests/chaos): `RANK:STEP:WHERE` makes rank RANK raise at optimizer
-step STEP, in the step (`step`), in evaluation (`eval`) or in the checkpoint write (`save`), or makes its
-loss NaN in that step (`nan`). STEP may be a range, `3-5`, or open, `3-`; several faults are joined with
-commas. Unset in real runs."""
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     # the handlers stay until the process has left (never restored): a second TERM during the checkpoint
     # write, the teardown or the interpreter's exit is answered like the first (by the flag), never by the
     # default action, which would turn exit 75 into death by signal. SIGKILL still ends a stuck process.
-    with _stop_signals(restore=False) as stop:
+    with stop_signals(restore=False) as stop:
         try:
             result = train(cfg, stop)
         except NonFiniteError as e:
@@ -78,80 +71,59 @@ def train(cfg: Config, stop: threading.Event | None = None) -> dict:
     env = pdist.setup()
     if stop is not None:
         return Trainer(cfg, env, stop).fit()
-    with _stop_signals() as stop:
+    with stop_signals() as stop:
         return Trainer(cfg, env, stop).fit()
 
 
-@contextlib.contextmanager
-def _stop_signals(restore: bool = True):
-    """SIGTERM / SIGUSR1 (SLURM's pre-emption warning) set a flag; the loop finishes its step,
-    checkpoints and returns. Further signals only set the flag again (the handler does nothing else:
-    no I/O that a signal could re-enter). Handlers are restored afterwards when `restore` (only
-    installed on the main thread)."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    for s in previous:
-        signal.signal(s, lambda signum, frame: flag.set())
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items() if restore else ():
-            signal.signal(s, h)
-
-
-def _fault_due(rank: int, step: int, where: str) -> str | None:
-    """The fault of $VIT_PRETRAIN_FAULT naming this rank, step and place, or None (see FAULT_ENV)."""
-    for spec in os.environ.get(FAULT_ENV, "").split(","):
-        parts = spec.strip().split(":")
-        if len(parts) != 3 or parts[0] != str(rank) or parts[2] != where:
-            continue
-        lo, dash, hi = parts[1].partition("-")
-        if int(lo) == step or (dash and int(lo) <= step and (not hi or step <= int(hi))):
-            return spec.strip()
-    return None
-
-
-def _fault(rank: int, step: int, where: str) -> None:
-    """Raise when $VIT_PRETRAIN_FAULT names this rank, step and place."""
-    spec = _fault_due(rank, step, where)
-    if spec:
-        raise RuntimeError(f"injected fault ({FAULT_ENV}={spec})")
+def _every(step: int, n: int) -> bool:
+    """Whether something set to run every `n` steps (0: never) is due after `step`."""
+    return bool(n) and step % n == 0
 
 
 class Trainer:
     def __init__(self, cfg: Config, env, stop: threading.Event, stream=None):
-        """`stream`: any object with the train-stream interface (pretrain/data); default: built from cfg.data."""
-        from pretrain.data import build_train_stream
-        from pretrain.models import resolve_arch
-
-        self.cfg, self.env, self.stop = cfg, env, stop
+        """A run set up to `fit`: its data, its plan of steps, its engine (at the checkpoint it resumes
+        from, if any) and its logging. `stream`: any object with the train-stream interface
+        (pretrain/data); default: built from cfg.data."""
+        self.cfg, self.stop = cfg, stop
         self.rank, self.world = env.rank, env.world_size
+        self.console = Console(enabled=self.rank == 0)
+        self.faults = Faults.from_env(self.rank)
         self.device = pdist.rank_device(env.local_rank, cfg.run.device)
         self.precision = resolve_precision(cfg.deepspeed, self.device)
-        if cfg.task.kind == "finetune" and cfg.finetune.ema_decay > 0 and self.precision.input_dtype != torch.float32:
-            raise UserError(f"config key finetune.ema_decay: a weight EMA needs fp32 weights, but deepspeed.precision="
-                            f"{cfg.deepspeed.precision} (bf16_mode={cfg.deepspeed.bf16_mode}) keeps the module in "
-                            f"{self.precision.input_dtype}, where updates of (1 - decay) x the change round away; "
-                            "use deepspeed.bf16_mode=autocast or finetune.ema_decay=0")
+        task_cls = task_class(cfg)
+        task_cls.check_config(cfg)
+        task_cls.check_precision(cfg, self.precision.input_dtype)
         self.run_dir = f"{cfg.run.out_dir.rstrip('/')}/{cfg.run.name}"
         self.ckpt_dir = f"{self.run_dir}/checkpoints"
+        # CPU collectives (the stop vote, a skipped step's losses) on a gloo group: no device sync
+        self.cpu_group = dist.new_group(backend="gloo") if self.world > 1 and dist.get_backend() != "gloo" else None
+        self.guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps, self.console, fp16=self.precision.name == "fp16",
+                                    world=self.world, group=self.cpu_group)
+        self._open_data(stream, task_cls)
+        self._plan_steps()
+        self._build_engine(task_cls)
+        self._start_logging()
 
+    # ------------------------------------------------------------------ set-up steps
+    def _open_data(self, stream, task_cls: type) -> None:
+        """The training stream, the evaluation shards checked, and the classes the Task learns (0 when it
+        needs no labels; a Task that needs them refuses 0)."""
+        from pretrain.data import build_train_stream
+
+        cfg = self.cfg
         self.stream = stream if stream is not None else build_train_stream(
-            cfg.data, self.rank, self.world, img_size=resolve_arch(cfg.model)["img_size"],
-            augment="train" if cfg.task.kind in ("supervised", "finetune") else "mae", seed=cfg.run.seed,
-            accum=cfg.optim.accum_steps)
-        self._check_eval_urls()
-        if cfg.task.kind == "mae":
-            self.num_classes = 0
-        else:
+            cfg.data, self.rank, self.world, img_size=resolve_arch(cfg.model)["img_size"], augment=task_cls.augment,
+            seed=cfg.run.seed, accum=cfg.optim.accum_steps)
+        check_eval_urls(cfg)
+        self.num_classes = 0
+        if task_cls.needs_labels:
             self.num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else self.stream.num_classes
-            if self.num_classes <= 0:
-                raise UserError(f"task.kind={cfg.task.kind} needs classes but the training shard index names none "
-                                f"({cfg.data.train_urls!r}); set model.num_classes or write shards with labels")
-        accum = cfg.optim.accum_steps
+        self._batch_iter = self._batches()  # starts at the first step (after a resume has set the epoch)
+
+    def _plan_steps(self) -> None:
+        """Optimizer steps per epoch and in all, the effective batch and the lr schedule, derived once."""
+        cfg, accum = self.cfg, self.cfg.optim.accum_steps
         self.steps_per_epoch = self.stream.batches_per_epoch // accum
         if self.steps_per_epoch < 1:
             raise UserError(f"data.train_urls holds too few samples for one optimizer step per epoch: "
@@ -161,101 +133,40 @@ class Trainer:
         self.effective_batch = cfg.data.batch_size * accum * self.world
         self.schedule = build_schedule(cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps)
 
+    def _build_engine(self, task_cls: type) -> None:
+        """The Task, with the same initial weights on every rank, in a DeepSpeed engine; at the position of
+        the checkpoint it resumes from (checkpoint.resume), if any."""
+        cfg = self.cfg
         rng.seed_all(cfg.run.seed)  # identical initial weights on every rank (each step reseeds: rng.py)
-        pretrained = load_source(cfg.finetune.init_from) if task_class(cfg.task.kind).needs_pretrained else None
+        pretrained = load_source(cfg.finetune.init_from) if task_cls.needs_pretrained else None
         self.task = build_task(cfg, self.num_classes, pretrained)
         self.task.rank = self.rank
-
         if self.rank == 0:
             self._write_run_files()
-        points, fallback = ckpt.resume_points(cfg.checkpoint.resume, self.ckpt_dir, rank=self.rank)
-        load_universal = bool(points) and points[0].needs_universal(self.world)
+        points, fallback = ckpt.resume_points(cfg.checkpoint.resume, self.ckpt_dir, warn=self.console.warn)
+        universal = bool(points) and points[0].needs_universal(self.world)
         self.engine, self.ds_config = initialize(self.task, cfg, self.world, self.device, self.precision,
-                                                 load_universal=load_universal)
+                                                 load_universal=universal)
         self.module = self.engine.module
         self.zero3 = self.engine.zero_optimization_stage() == 3
-        self.mixup = self._build_mixup()
-        self.fixed_images = None
+        self.mixup = self._build_mixup() if task_cls.needs_labels else None
         self.step, self.epoch, self.samples_seen = 0, 0, 0
-        self.skipped_total, self.skipped_run = 0, 0
         self.last_good_tag = None
         if points:
             self._load(*ckpt.load_resume(self.engine, points, fallback, rank=self.rank, world_size=self.world,
-                                        universal=load_universal))
-        self.flops_per_image = 3.0 * self.module.flops_per_image()  # forward + backward
-        self.peak = peak_flops(self.device)
-        if self.world > 1:  # the stop flag travels on a CPU group: no device sync
-            self.flag_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-        self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
-                                 progress=cfg.logging.progress, total_steps=self.total_steps, start_step=self.step)
-        self._log_derived()
-        # loop state (see _iteration)
-        self._batch_iter = None
-        self._window = _Window(self.device)
-        self.final: dict = {}
-        self.max_bad = cfg.optim.max_nonfinite_steps + (32 if self.precision.name == "fp16" else 0)
-
-    # ------------------------------------------------------------------ set-up helpers
-    def _check_eval_urls(self) -> None:
-        """Evaluation's shards resolve now (a local index or a listing), not at the first evaluation hours in."""
-        from pretrain.data.index import read_index
-
-        e = self.cfg.eval
-        urls = {"data.val_urls": self.cfg.data.val_urls}
-        if e.knn_every_steps:
-            urls.update({"eval.knn_train_urls": e.knn_train_urls, "eval.knn_val_urls": e.knn_val_urls})
-        for key, value in urls.items():
-            if value:
-                try:
-                    read_index(value)
-                except UserError as err:
-                    raise UserError(f"config key {key}: {err}") from None
+                                        universal=universal, warn=self.console.warn))
 
     def _write_run_files(self) -> None:
         fs, root = fsspec.core.url_to_fs(self.run_dir)
         fs.makedirs(root, exist_ok=True)
         with fs.open(f"{root}/config.yaml", "w") as f:
             f.write(to_yaml(self.cfg))
-        kwargs = model_kwargs(self.cfg.model, self.num_classes)
-        model = {"task": self.cfg.task.kind, "create_model": {"name": self.cfg.model.arch, **kwargs},
-                 "num_classes": self.num_classes}
         with fs.open(f"{root}/model.json", "w") as f:
-            json.dump(model, f, indent=2)
-
-    def _load(self, point: ckpt.ResumePoint, tag: str, client: dict) -> None:
-        """Take over a loaded checkpoint's position: step, epoch, data, RNG (the policy: ckpt.load_resume)."""
-        self.step = int(client["step"])
-        self.epoch = int(client["epoch"])
-        self.samples_seen = int(client["samples_seen"])
-        self.skipped_total = int(client.get("skipped_total", 0))
-        # the schedule keeps its place in images seen (older checkpoints: derived from their steps and batch)
-        horizon = client.get("schedule") or build_schedule(
-            self.cfg.optim, client["effective_batch"], self.stream.num_samples // client["effective_batch"],
-            client["total_steps"]).state_dict()
-        self.schedule = build_schedule(self.cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps,
-                                       horizon=horizon)
-        if client["effective_batch"] != self.effective_batch:
-            if not self.cfg.optim.max_steps:  # the same number of images as planned, in steps of the new batch
-                left = max(0, horizon["total_samples"] - self.samples_seen)
-                self.total_steps = self.step + math.ceil(left / self.effective_batch)
-            if self.rank == 0:
-                old = peak_lr(self.cfg.optim, client["effective_batch"])
-                print(f"effective batch {client['effective_batch']} -> {self.effective_batch} on resume: peak lr "
-                      f"{old:.4g} -> {self.schedule.peak_lr:.4g} (optim.lr_per_256 x batch / 256); warm-up and "
-                      f"cosine continue at {self.samples_seen} of {horizon['total_samples']} images", file=sys.stderr)
-        per_rank = client["per_rank"]
-        if len(per_rank) == self.world:
-            self.stream.load_state_dict(per_rank[self.rank]["data"])
-            ckpt.set_rng_state(per_rank[self.rank]["rng"])
-        else:  # another world size: the stream re-splits the rest of the epoch from any rank's state
-            self.stream.load_state_dict(per_rank[0]["data"])
-        self.last_good_tag = point.tag if point.folder.rstrip("/") == self.ckpt_dir.rstrip("/") else None  # elsewhere: save here too
-        if self.rank == 0:
-            print(f"resumed from {point.folder}/{tag} at step {self.step} (epoch {self.epoch})", file=sys.stderr)
+            json.dump(model_record(self.cfg, self.num_classes), f, indent=2)
 
     def _build_mixup(self):
         t = self.cfg.task
-        if self.cfg.task.kind == "mae" or (t.mixup_alpha <= 0 and t.cutmix_alpha <= 0):
+        if t.mixup_alpha <= 0 and t.cutmix_alpha <= 0:
             return None
         if self.cfg.data.batch_size % 2:
             raise UserError(f"config key data.batch_size: got {self.cfg.data.batch_size}, Mixup/CutMix needs an "
@@ -265,6 +176,44 @@ class Trainer:
         return Mixup(mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, prob=t.mixup_prob,
                      switch_prob=t.mixup_switch_prob, label_smoothing=t.label_smoothing,
                      num_classes=self.num_classes)
+
+    def _load(self, point: ckpt.ResumePoint, tag: str, client: dict) -> None:
+        """Take over a loaded checkpoint's position: step, epoch, images seen, schedule, data (the policy:
+        ckpt.load_resume). A checkpoint of an earlier version may also hold RNG states: unused, every draw
+        is seeded from the run's position (pretrain/rng.py)."""
+        self.step, self.epoch = int(client["step"]), int(client["epoch"])
+        self.samples_seen, self.guard.total = int(client["samples_seen"]), int(client["skipped_total"])
+        horizon = client["schedule"]  # warm-up and cosine keep their place in images seen
+        self.schedule = build_schedule(self.cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps,
+                                       horizon=horizon)
+        if client["effective_batch"] != self.effective_batch:
+            if not self.cfg.optim.max_steps:  # the same number of images as planned, in steps of the new batch
+                left = max(0, horizon["total_samples"] - self.samples_seen)
+                self.total_steps = self.step + math.ceil(left / self.effective_batch)
+            old = peak_lr(self.cfg.optim, client["effective_batch"])
+            self.console.info(f"effective batch {client['effective_batch']} -> {self.effective_batch} on resume: "
+                              f"peak lr {old:.4g} -> {self.schedule.peak_lr:.4g} (optim.lr_per_256 x batch / 256); "
+                              f"warm-up and cosine continue at {self.samples_seen} of {horizon['total_samples']} "
+                              "images")
+        per_rank = client["per_rank"]
+        # on another world size the stream re-splits the rest of the epoch from any rank's position
+        self.stream.load_state_dict(per_rank[self.rank if len(per_rank) == self.world else 0]["data"])
+        here = point.folder.rstrip("/") == self.ckpt_dir.rstrip("/")
+        self.last_good_tag = point.tag if here else None  # resumed from elsewhere: the first save is here
+        self.console.info(f"resumed from {point.folder}/{tag} at step {self.step} (epoch {self.epoch})")
+
+    def _start_logging(self) -> None:
+        """The metrics logger and the monitors that write to it, the derived values said once, and the
+        logging window's state."""
+        cfg = self.cfg
+        self.flops_per_image = 3.0 * self.module.flops_per_image()  # forward + backward
+        self.peak = peak_flops(self.device)
+        self.log = MetricsLogger(self.run_dir, self.console, tensorboard=cfg.logging.tensorboard,
+                                 progress=cfg.logging.progress, total_steps=self.total_steps, start_step=self.step)
+        self.monitors = Monitors(cfg, self.engine, self.precision, self.device, self.log, self.faults,
+                                 rank=self.rank, world=self.world)
+        self._log_derived()
+        self._window, self._lr, self.final, self.fixed_images = Window(), 0.0, {}, None
 
     def _log_derived(self) -> None:
         """Derived values, computed once: stderr, TensorBoard text and `derived.json` (never the config)."""
@@ -284,64 +233,26 @@ class Trainer:
             fs, root = fsspec.core.url_to_fs(self.run_dir)
             with fs.open(f"{root}/derived.json", "w") as f:
                 json.dump(derived, f, indent=2)
-            self.log.info("derived: " + ", ".join(f"{k}={v}" for k, v in derived.items()))
-            self.log.text("derived", "\n".join(f"    {k}: {v}" for k, v in derived.items()))
+        self.console.info("derived: " + ", ".join(f"{k}={v}" for k, v in derived.items()))
+        self.log.text("derived", "\n".join(f"    {k}: {v}" for k, v in derived.items()))
 
     # ------------------------------------------------------------------ the loop
-    def _batches(self):
-        """Endless micro-batches from the stream's current position. Each epoch yields a whole number
-        of optimizer steps (the stream plans whole steps per epoch)."""
-        while True:
-            yield from self.stream.iter_epoch_weighted(self.epoch)
-            self.epoch += 1
-
-    def _prepare(self, images: torch.Tensor, labels: torch.Tensor):
-        from pretrain.data import normalize
-
-        d = self.cfg.data
-        images = normalize(images.to(self.device, non_blocking=True), d.mean, d.std).to(self.precision.input_dtype)
-        labels = labels.to(self.device, non_blocking=True)
-        if self.fixed_images is None:  # the pictures' images: rank's first batch, before Mixup/CutMix
-            self.fixed_images = images[:4].detach().float().clone()
-        if self.cfg.task.kind == "mae":
-            return images, None
-        if self.mixup is not None:
-            images, labels = self.mixup(images, labels)
-        return images, labels
-
-    def _autocast(self):
-        if self.precision.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.precision.autocast)
-
-    def _stop_requested(self) -> bool:
-        """Whether any rank got a stop signal: the same answer on every rank at the same step. Many ranks
-        vote every run.stop_check_steps steps (a CPU all-reduce on a gloo group: no device sync); one
-        process checks every step."""
-        if self.world == 1:
-            return self.stop.is_set()
-        if self.step % self.cfg.run.stop_check_steps:
-            return False
-        flag = torch.tensor([1 if self.stop.is_set() else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.flag_group)
-        return bool(flag.item())
-
     def fit(self) -> dict:
         """Train to `total_steps` (or until a stop signal), checkpoint, evaluate; -> final metrics."""
         stopped_early = False
         self.engine.train()
-        while self.step < self.total_steps:
-            if self._iteration():
-                stopped_early = True
-                break
+        while self.step < self.total_steps and not stopped_early:
+            stopped_early = self._iteration()
         self.stream.close()
         if not stopped_early:
             if self.last_good_tag != ckpt.tag_of(self.step):
                 self._save()
-            self.final.update(self._evaluate() or {})
+            self.final.update(self.monitors.evaluate(self.step) or {})
         self.log.close()
+        if not stopped_early:
+            self._say_done()
         return {**self.final, "run_dir": self.run_dir, "step": self.step, "epoch": self.epoch,
-                "samples_seen": self.samples_seen, "skipped_steps": self.skipped_total,
+                "samples_seen": self.samples_seen, "skipped_steps": self.guard.total,
                 "stopped_early": stopped_early}
 
     def train_steps(self, n: int) -> None:
@@ -351,221 +262,136 @@ class Trainer:
             self._iteration()
 
     def _iteration(self) -> bool:
-        """One optimizer step and what is due after it (log, eval, k-NN, images, checkpoint).
-        -> True when a stop signal was honoured (checkpoint written, the run should end)."""
-        cfg, engine = self.cfg, self.engine
-        accum = cfg.optim.accum_steps
-        if self._batch_iter is None:
-            self._batch_iter = self._batches()
-        window = self._window
-        lr = self.schedule(self.samples_seen, self.effective_batch)
-        for g in engine.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        step_loss, loss_sum = None, 0.0
-        nan_fault = _fault_due(self.rank, self.step + 1, "nan")
-        for micro in range(accum):
-            t0 = time.perf_counter()
-            images, labels, weight, real = next(self._batch_iter)
-            window.data_wait += time.perf_counter() - t0
-            # every draw of this micro-step (Mixup/CutMix, drop path, ...) from a place-keyed state
-            rng.seed_all(cfg.run.seed, rng.STEP, self.step * accum + micro, self.rank)
-            x, y = self._prepare(images, labels)
-            args, mine = (x, y, self.step * accum + micro), len(images)
-            if weight is not None:  # padding in a ragged step: the task averages its loss over weight 1
-                mine = float(weight.sum())  # on the host, before the copy: no device sync
-                args += (weight.to(self.device, non_blocking=True),)
-            with self._autocast():
-                loss, metrics = engine(*args)
-            if real is not None:
-                # a ragged step after a re-layout (see pretrain/data/plan.py): the loss is the mean over this
-                # batch's real samples; weigh it so that the step averages over every rank's real samples
-                loss = loss * (mine * self.world * accum / real)
-            if nan_fault:
-                loss = loss * float("nan")
-            loss_sum = loss_sum + loss.detach()  # on the device; read only if the step is skipped
-            engine.backward(loss)
-            engine.step()
-            step_loss = metrics if step_loss is None else {k: step_loss[k] + v for k, v in metrics.items()}
-        self.step += 1
-        self.samples_seen += self.effective_batch
-        _fault(self.rank, self.step, "step")
-        if engine.was_step_applied():  # a Python bool DeepSpeed already holds: no extra sync
-            window.add({k: v / accum for k, v in step_loss.items()})
-            self.skipped_run = 0
-        else:
-            window.skipped += 1
-            self.skipped_total += 1
-            self.skipped_run += 1
-            self._last_skip = self._why_skipped(loss_sum)
-            if self.skipped_run >= self.max_bad:
-                self._nonfinite_stop()
-            overflow = self.precision.name == "fp16" and "non-finite loss" not in self._last_skip
-            if self.rank == 0 and not overflow:  # fp16's loss scaler overflows by design while it finds its scale
-                print(f"vit-pretrain: warning: step {self.step} skipped (no update): {self._last_skip}; "
-                      f"{self.skipped_run} in a row, the run stops at {self.max_bad} "
-                      "(optim.max_nonfinite_steps)", file=sys.stderr, flush=True)
-        window.steps += 1
-        self.log.advance()
-        if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps:
-            self.final = self._log_window(window, lr)
-            self._window = _Window(self.device)
-        if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
-            self._evaluate()
-        if cfg.eval.knn_every_steps and self.step % cfg.eval.knn_every_steps == 0:
-            self._knn()
-        if cfg.logging.images_every_steps and self.step % cfg.logging.images_every_steps == 0:
-            self._images()
-        if self._stop_requested():
+        """One optimizer step, then what is due after it. -> True when a stop signal was honoured
+        (checkpoint written: the run should end)."""
+        self._optimizer_step()
+        s, c = self.step, self.cfg
+        last = s == self.total_steps
+        due = [(_every(s, c.logging.every_steps) or last, self._log_window),
+               (_every(s, c.eval.every_steps) and not last, lambda: self.monitors.evaluate(s)),  # the last: fit's
+               (_every(s, c.eval.knn_every_steps), lambda: self.monitors.knn(s)),
+               (_every(s, c.logging.images_every_steps) and self.fixed_images is not None,
+                lambda: self.monitors.pictures(s, self.fixed_images))]
+        for is_due, action in due:
+            if is_due:
+                action()
+        if stop_requested(self.stop, s, c.run.stop_check_steps, self.world, self.cpu_group):  # checkpoint, end
             self._save()
-            self.log.info(f"stop signal: checkpointed step {self.step}; exiting with {EXIT_REQUEUE} (requeue)")
+            self.console.info(f"stop signal: checkpointed step {s}; exiting with {EXIT_REQUEUE} (requeue)")
             return True
-        if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+        if _every(s, c.checkpoint.every_steps):
             self._save()
         return False
 
-    def _why_skipped(self, loss_sum) -> str:
-        """Which value was not finite in a skipped step: each rank's loss, else the gradient norm. The skip
-        is the same on every rank (the norm is global), so this collective runs on every rank or none."""
-        mine = torch.tensor([float(loss_sum)], dtype=torch.float64)  # host read: skipped steps only
-        losses = [mine]
-        if self.world > 1:
-            losses = [torch.zeros_like(mine) for _ in range(self.world)]
-            dist.all_gather(losses, mine, group=self.flag_group)
-        bad = [f"rank {r} ({v.item()})" for r, v in enumerate(losses) if not math.isfinite(v.item())]
-        if bad:
-            return "non-finite loss on " + ", ".join(bad)
-        gn = self.engine.get_global_grad_norm()
-        return f"non-finite gradient norm ({float(gn) if gn is not None else 'unknown'}), losses finite on every rank"
+    def _optimizer_step(self) -> None:
+        """optim.accum_steps micro-steps, DeepSpeed stepping the optimizer after the last; the step's metrics
+        go to the logging window, or the skip is counted when the optimizer did not apply it."""
+        accum = self.cfg.optim.accum_steps
+        self._lr = self.schedule(self.samples_seen, self.effective_batch)
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = self._lr * g.get("lr_scale", 1.0)
+        nan = self.faults.due(self.step + 1, "nan") is not None
+        metrics, loss_sum = None, 0.0
+        for micro in range(accum):
+            loss, m = self._micro_step(self.step * accum + micro, nan)
+            loss_sum = loss_sum + loss  # on the device; read only if the step is skipped
+            metrics = m if metrics is None else {k: metrics[k] + v for k, v in m.items()}
+        self.step += 1
+        self.samples_seen += self.effective_batch
+        self.faults.check(self.step, "step")
+        if self.engine.was_step_applied():  # a Python bool DeepSpeed already holds: no extra sync
+            self._window.add({k: v / accum for k, v in metrics.items()})
+            self.guard.applied()
+        else:
+            self._window.skipped += 1
+            last_good = f"{self.ckpt_dir}/{self.last_good_tag}" if self.last_good_tag else "none yet"
+            self.guard.skipped(self.engine, loss_sum, self.step, last_good)
+        self._window.steps += 1
+        self.log.advance()
 
-    def _nonfinite_stop(self):
-        last = f"{self.ckpt_dir}/{self.last_good_tag}" if self.last_good_tag else "none yet"
-        raise NonFiniteError(
-            f"{self.skipped_run} consecutive steps with a non-finite loss or gradient norm, the last at step "
-            f"{self.step}: {self._last_skip}; no update was applied, last good checkpoint: {last}. Lower "
-            "optim.lr_per_256, raise optim.warmup_steps, set optim.grad_clip, or try deepspeed.precision=bf16/fp32 "
-            "(optim.max_nonfinite_steps sets the limit)")
+    def _micro_step(self, index: int, nan: bool) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of the next micro-batch, then DeepSpeed's step (it applies the optimizer
+        at the step's last). `index`: the global micro-batch index. -> (loss, detached; metrics)."""
+        t0 = time.perf_counter()
+        images, labels, weight, real = next(self._batch_iter)
+        self._window.data_wait += time.perf_counter() - t0
+        # every draw of this micro-step (Mixup/CutMix, drop path, ...) from a place-keyed state
+        rng.seed_all(self.cfg.run.seed, rng.STEP, index, self.rank)
+        x, y = self._prepare(images, labels)
+        args, mine = (x, y, index), len(images)
+        if weight is not None:  # padding in a ragged step: the task averages its loss over weight 1
+            mine = float(weight.sum())  # on the host, before the copy: no device sync
+            args += (weight.to(self.device, non_blocking=True),)
+        with autocast(self.precision, self.device):
+            loss, metrics = self.engine(*args)
+        if real is not None:
+            # a ragged step after a re-layout (see pretrain/data/plan.py): the loss is the mean over this
+            # batch's real samples; weigh it so that the step averages over every rank's real samples
+            loss = loss * (mine * self.world * self.cfg.optim.accum_steps / real)
+        if nan:  # injected (pretrain/engine/faults.py)
+            loss = loss * float("nan")
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach(), metrics
 
-    def _log_window(self, window, lr: float) -> dict:
+    def _batches(self):
+        """Endless micro-batches from the stream's current position. Each epoch yields a whole number
+        of optimizer steps (the stream plans whole steps per epoch)."""
+        while True:
+            yield from self.stream.iter_epoch_weighted(self.epoch)
+            self.epoch += 1
+
+    def _prepare(self, images: torch.Tensor, labels: torch.Tensor):
+        """-> (normalised images in the module's dtype, targets: None when the Task needs no labels,
+        else class indices or Mixup/CutMix's soft targets)."""
+        from pretrain.data import normalize
+
+        d = self.cfg.data
+        images = normalize(images.to(self.device, non_blocking=True), d.mean, d.std).to(self.precision.input_dtype)
+        if self.fixed_images is None:  # the pictures' images: rank's first batch, before Mixup/CutMix
+            self.fixed_images = images[:4].detach().float().clone()
+        if not self.module.needs_labels:
+            return images, None
+        labels = labels.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            images, labels = self.mixup(images, labels)
+        return images, labels
+
+    def _log_window(self) -> None:
+        """One metrics row: the window's means over its steps and the ranks, throughput and MFU."""
+        window, self._window = self._window, Window()
         values = window.read(self.world)  # the one host read of the window's sums (mean over ranks)
         elapsed = max(time.perf_counter() - window.t0, 1e-9)
         images_per_sec = window.steps * self.effective_batch / elapsed
         gn = self.engine.get_global_grad_norm()
-        gn = float(gn) if gn is not None else None
-        row = {"epoch": self.epoch, "samples": self.samples_seen, **values, "lr": lr, "grad_norm": gn,
+        row = {"epoch": self.epoch, "samples": self.samples_seen, **values, "lr": self._lr,
+               "grad_norm": float(gn) if gn is not None else None,
                "images_per_sec": images_per_sec, "data_wait": window.data_wait / elapsed,
                "flops_per_sec": images_per_sec * self.flops_per_image,
                "mfu": (images_per_sec * self.flops_per_image / (self.peak * self.world)) if self.peak else None,
-               "skipped_steps": window.skipped, "skipped_total": self.skipped_total}
+               "skipped_steps": window.skipped, "skipped_total": self.guard.total}
         bad = self.stream.bad_counts()
         if any(bad.values()):
             row["bad_samples"] = sum(bad.values())
         self.log.log(self.step, {k: v for k, v in row.items() if v is not None})
-        return row
+        self.final = row
 
-    # ------------------------------------------------------------------ checkpoints, eval, images
+    def _say_done(self) -> None:
+        """The run's last line: how far it got, where its files are, and what to run next."""
+        loss, top1 = self.final.get("loss"), self.final.get("val_top1")
+        result = f", loss {loss:.4f}" if loss is not None else ""
+        result += f", val top-1 {top1:.4f}" if top1 is not None else ""
+        self.console.info(f"vit-pretrain train: done: {self.step} steps{result}; checkpoint "
+                          f"{self.ckpt_dir}/{self.last_good_tag}, metrics {self.run_dir}/metrics.jsonl; "
+                          f"export with: vit-pretrain export {shlex.quote(self.run_dir)}")
+
+    # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:
         client = {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
                   "total_steps": self.total_steps, "effective_batch": self.effective_batch,
                   "schedule": self.schedule.state_dict(),
-                  "skipped_total": self.skipped_total, "config": to_yaml(self.cfg),
+                  "skipped_total": self.guard.total, "config": to_yaml(self.cfg),
                   "data_state": self.stream.state_dict()}
-        _fault(self.rank, self.step, "save")
+        self.faults.check(self.step, "save")
         self.last_good_tag = ckpt.save(self.engine, self.ckpt_dir, self.step, client, rank=self.rank,
                                        world_size=self.world, keep=self.cfg.checkpoint.keep)
-
-    def _gathered(self):
-        """Under ZeRO-3 gather every parameter for a pass outside the training forward (eval, pictures),
-        so ranks need not run the same number of batches."""
-        if not self.zero3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
-
-    def _evaluate(self) -> dict | None:
-        """engine/evaluate.py's loop on data.val_urls (unlabelled samples left out), logged as val/*."""
-        if not self.cfg.data.val_urls or not hasattr(self.module, "predict"):
-            return None
-        from pretrain.data import build_eval_stream
-        from pretrain.evaluation.evaluate import evaluate
-        from pretrain.models import resolve_arch
-
-        d = self.cfg.data
-
-        def batches():
-            for batch in build_eval_stream(d.val_urls, d, self.rank, self.world,
-                                           img_size=resolve_arch(self.cfg.model)["img_size"]):
-                _fault(self.rank, self.step, "eval")
-                yield batch
-
-        self.engine.eval()
-        with self._gathered():
-            result = evaluate(self.module, batches(), self.device, mean=d.mean, std=d.std,
-                              dtype=self.precision.input_dtype, autocast=self._autocast)
-        self.engine.train()
-        self.log.scalars(self.step, "val", result)
-        return {f"val_{k}": v for k, v in result.items()}
-
-    def _knn(self) -> None:
-        """k-NN top-1 of the encoder's features (eval.knn_*), logged as knn/top1."""
-        from pretrain.data import build_eval_stream
-        from pretrain.evaluation.knn import knn_top1
-        from pretrain.models import resolve_arch
-
-        e, d = self.cfg.eval, self.cfg.data
-        with self._gathered():  # no autocast: the k-NN vote itself is fp32
-            size = resolve_arch(self.cfg.model)["img_size"]
-            top1 = knn_top1(self.module.encoder,
-                            build_eval_stream(e.knn_train_urls, d, self.rank, self.world, img_size=size),
-                            build_eval_stream(e.knn_val_urls, d, self.rank, self.world, img_size=size), e.knn_k,
-                            e.knn_temperature, self.device, mean=d.mean, std=d.std,
-                            dtype=self.precision.input_dtype)
-        self.engine.train()
-        self.log.scalars(self.step, "knn", {"top1": top1})
-
-    def _images(self) -> None:
-        from pretrain.viz.tensorboard import attention_grid, mae_grid
-
-        if self.fixed_images is None:
-            return
-        d = self.cfg.data
-        x = self.fixed_images.to(self.precision.input_dtype)  # the module's dtype (half under fp16)
-        self.engine.eval()
-        with torch.no_grad(), self._gathered(), self._autocast():
-            if self.cfg.task.kind == "mae":
-                from pretrain.tasks.mae import mask_noise
-
-                noise = mask_noise(self.cfg.run.seed, 0, self.rank, x.shape[0], self.module.num_patches, x.device)
-                self.log.image("mae/input_masked_reconstruction", mae_grid(self.module, x, noise, d.mean, d.std), self.step)
-            self.log.image("attention/last_block", attention_grid(self.module.encoder, x, d.mean, d.std), self.step)
-        self.engine.train()
-
-
-class _Window:
-    """Sums of per-step metrics between two logging steps, kept on the device until read."""
-
-    def __init__(self, device):
-        self.device = device
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counted = 0
-        self.steps = 0
-        self.skipped = 0
-        self.data_wait = 0.0
-        self.t0 = time.perf_counter()
-
-    def add(self, metrics: dict) -> None:
-        for k, v in metrics.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.counted += 1
-
-    def read(self, world_size: int) -> dict:
-        """Window means, averaged over ranks (a collective: every rank calls it at the same step)."""
-        if not self.sums:  # every step of the window was skipped (on every rank: the skip is global)
-            return {"loss": float("nan")}
-        keys = sorted(self.sums)
-        values = torch.stack([self.sums[k] for k in keys]).div(self.counted)
-        if world_size > 1:
-            dist.all_reduce(values)
-            values = values / world_size
-        return dict(zip(keys, values.tolist()))

@@ -10,8 +10,8 @@ from pretrain.errors import UserError, first_line
 
 
 TRUSTED_GLOBALS = frozenset({
-    # what our own checkpoints pickle besides tensors and containers: the data loader's numpy RNG state
-    # (numpy 1 and 2 spell it differently) and DeepSpeed's optimizer metadata
+    # what our own checkpoints pickle besides tensors and containers: DeepSpeed's optimizer metadata and,
+    # in checkpoints of earlier versions, every rank's numpy RNG state (numpy 1 and 2 spell it differently)
     "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
     "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
     "deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.fp16.loss_scaler.LossScaler",

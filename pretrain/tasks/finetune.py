@@ -18,9 +18,6 @@ class FinetuneTask(SupervisedTask):
     needs_pretrained = True
 
     def __init__(self, cfg, num_classes: int, pretrained: tuple[dict, dict]):
-        if num_classes <= 0:
-            raise UserError(f"task.kind={cfg.task.kind} needs labelled shards: the training index names no "
-                            "classes (set model.num_classes or write shards with labels)")
         super().__init__(cfg, num_classes)
         state, self.source_meta = pretrained
         load_weights(self.encoder, state, new_head=True)  # positions resampled to this grid
@@ -37,6 +34,14 @@ class FinetuneTask(SupervisedTask):
             self.ema.requires_grad_(False)
         self.accum = cfg.optim.accum_steps
         self._ema_step = -1
+
+    @classmethod
+    def check_precision(cls, cfg, weight_dtype) -> None:
+        if cfg.finetune.ema_decay > 0 and weight_dtype != torch.float32:
+            raise UserError(f"config key finetune.ema_decay: a weight EMA needs fp32 weights, but deepspeed.precision="
+                            f"{cfg.deepspeed.precision} (bf16_mode={cfg.deepspeed.bf16_mode}) keeps the module in "
+                            f"{weight_dtype}, where updates of (1 - decay) x the change round away; "
+                            "use deepspeed.bf16_mode=autocast or finetune.ema_decay=0")
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, step: int = 0, weight=None):
         # `step` counts micro-batches; the weights now are those after optimizer step `step // accum`:

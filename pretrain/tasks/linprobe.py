@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.errors import UserError
 from pretrain.models import create_model, load_weights, model_kwargs
-from pretrain.tasks.supervised import SupervisedTask
+from pretrain.tasks.supervised import SupervisedTask, check_classes
 
 
 class LinprobeTask(SupervisedTask):
@@ -17,11 +16,11 @@ class LinprobeTask(SupervisedTask):
     """
 
     needs_pretrained = True
+    augment = "mae"
 
     def __init__(self, cfg, num_classes: int, pretrained: tuple[dict, dict]):
+        check_classes(cfg, num_classes)
         torch.nn.Module.__init__(self)  # the supervised objective, predict and FLOPs; our own encoder
-        if num_classes <= 0:
-            raise UserError("task.kind=linprobe needs labelled shards: the training index names no classes")
         kwargs = dict(model_kwargs(cfg.model, num_classes), drop_path_rate=0.0, patch_drop_rate=0.0)
         self.encoder = create_model(cfg.model.arch, **kwargs)
         state, self.source_meta = pretrained

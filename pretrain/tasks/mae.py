@@ -6,6 +6,7 @@ from timm.optim import param_groups_weight_decay
 
 from pretrain.models import create_model, model_kwargs
 from pretrain.models.mae import MaskedAutoencoder, mae_flops_per_image
+from pretrain.tasks import Task
 
 
 def mask_noise(seed: int, step: int, rank: int, batch: int, num_patches: int, device) -> torch.Tensor:
@@ -21,10 +22,11 @@ def mask_noise(seed: int, step: int, rank: int, batch: int, num_patches: int, de
     return noise.to(device, non_blocking=True)
 
 
-class MaeTask(MaskedAutoencoder):
+class MaeTask(Task, MaskedAutoencoder):
     """`encoder.*` is the timm ViT (num_classes=0); `decoder_*` and `mask_token` are the decoder."""
 
-    needs_pretrained = False
+    needs_labels = False
+    augment = "mae"
 
     def __init__(self, cfg, num_classes: int = 0):
         m = cfg.mae
@@ -52,3 +54,12 @@ class MaeTask(MaskedAutoencoder):
 
     def flops_per_image(self) -> float:
         return mae_flops_per_image(self)
+
+    def pictures(self, images, mean, std) -> dict:
+        """Input, masked input and reconstruction (the masks of micro-batch 0: the same every time), then
+        the encoder's attention."""
+        from pretrain.viz.tensorboard import mae_grid
+
+        noise = mask_noise(self.seed, 0, self.rank, images.shape[0], self.num_patches, images.device)
+        return {"mae/input_masked_reconstruction": mae_grid(self, images, noise, mean, std),
+                **super().pictures(images, mean, std)}

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 
+from pretrain.errors import UserError
 from pretrain.models import create_model, flops_per_image, model_kwargs
+from pretrain.tasks import Task
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
@@ -21,12 +23,18 @@ def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (values * weight).sum() / weight.sum().clamp(min=1)
 
 
-class SupervisedTask(torch.nn.Module):
+def check_classes(cfg, num_classes: int) -> None:
+    """A classifier needs classes: model.num_classes, or the class names of the training shards' index."""
+    if num_classes <= 0:
+        raise UserError(f"task.kind={cfg.task.kind} needs classes but the training shard index names none "
+                        f"({cfg.data.train_urls!r}); set model.num_classes or write shards with labels")
+
+
+class SupervisedTask(Task, torch.nn.Module):
     """`encoder` is a timm ViT with its classifier head."""
 
-    needs_pretrained = False
-
     def __init__(self, cfg, num_classes: int):
+        check_classes(cfg, num_classes)
         super().__init__()
         self.encoder = create_model(cfg.model.arch, **model_kwargs(cfg.model, num_classes))
         self.label_smoothing = cfg.task.label_smoothing
