@@ -31,7 +31,7 @@ from pretrain.engine.metrics import Console, MetricsLogger, Window, peak_flops
 from pretrain.engine.monitors import Monitors, check_eval_urls
 from pretrain.engine.schedule import build_schedule, peak_lr
 from pretrain.engine.stopping import stop_requested, stop_signals
-from pretrain.errors import EXIT_PEER_FAILED, EXIT_REQUEUE, UserError
+from pretrain.errors import EXIT_REQUEUE, UserError
 from pretrain.models import num_params, resolve_arch
 from pretrain.tasks import build_task, model_record, task_class
 
@@ -51,17 +51,18 @@ def run(args: argparse.Namespace) -> int:
     # write, the teardown or the interpreter's exit is answered like the first (by the flag), never by the
     # default action, which would turn exit 75 into death by signal. SIGKILL still ends a stuck process.
     with stop_signals(restore=False) as stop:
-        try:
-            result = train(cfg, stop)
-        except NonFiniteError as e:
-            pdist.abort(e)
-            print(f"vit-pretrain train: stopped: {e}", file=sys.stderr)
-            return EXIT_NONFINITE
-        except BaseException as e:
-            if not pdist.abort(e):  # says which rank failed and ends the peers now, before any other cleanup
-                return EXIT_PEER_FAILED  # a consequence of a peer's failure: no traceback of its own
-            raise
-        pdist.teardown()
+        return pdist.run_guarded(lambda: _train_to_exit_status(cfg, stop))
+
+
+def _train_to_exit_status(cfg: Config, stop: threading.Event) -> int:
+    """0 done, 75 checkpointed on a stop signal, 1 stopped by the non-finite guard (see the module docstring)."""
+    try:
+        result = train(cfg, stop)
+    except NonFiniteError as e:
+        pdist.abort(e)
+        print(f"vit-pretrain train: stopped: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    pdist.teardown()
     return EXIT_REQUEUE if result.get("stopped_early") else 0
 
 
@@ -243,6 +244,7 @@ class Trainer:
         self.engine.train()
         while self.step < self.total_steps and not stopped_early:
             stopped_early = self._iteration()
+        self._batch_iter.close()  # an epoch left mid-way shuts its loader's workers down now, not at collection
         self.stream.close()
         if not stopped_early:
             if self.last_good_tag != ckpt.tag_of(self.step):

@@ -10,14 +10,6 @@ from pretrain.models import create_model, flops_per_image, model_kwargs
 from pretrain.tasks import Task
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
-    """Number of samples whose label is among the top-k logits, per k (0-dim tensors, no sync)."""
-    k_max = min(max(ks), logits.shape[1])
-    top = logits.topk(k_max, dim=1).indices  # (B, k_max)
-    hit = top.eq(labels.unsqueeze(1))
-    return [hit[:, :min(k, k_max)].any(dim=1).sum() for k in ks]
-
-
 def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Mean of `values` (B,) over the samples of weight 1; 0 (still part of the graph) when there are none."""
     return (values * weight).sum() / weight.sum().clamp(min=1)
@@ -50,7 +42,7 @@ class SupervisedTask(Task, torch.nn.Module):
             return loss, {"loss": loss.detach()}
         if weight is None:
             loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-            acc1 = topk_correct(logits.detach(), targets, ks=(1,))[0].float() / targets.shape[0]
+            acc1 = logits.detach().argmax(dim=1).eq(targets).float().mean()  # 0-dim, on the device
         else:
             per_sample = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing, reduction="none")
             loss = weighted_mean(per_sample, weight)
