@@ -403,8 +403,9 @@ def count_samples(shards: list[str]) -> list[int]:
     return counts
 
 
-def build_train_stream(cfg, rank: int, world_size: int) -> TrainStream:
-    return TrainStream(cfg, rank, world_size)
+def build_train_stream(cfg, rank: int, world_size: int, index: Optional[ShardIndex] = None) -> TrainStream:
+    """`index`: data.train_urls already read (by one rank for all); default: read here."""
+    return TrainStream(cfg, rank, world_size, index)
 
 
 # ----------------------------------------------------------------------------- eval

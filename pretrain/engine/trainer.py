@@ -27,6 +27,7 @@ from pretrain.config import Config, load_config, split_config_args, to_yaml
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.consolidate import load_source
 from pretrain.engine.ds import initialize, resolve_precision
+from pretrain.engine.indexes import shared_indexes
 from pretrain.engine.metrics import MetricsLogger, peak_flops
 from pretrain.engine.schedule import build_schedule, peak_lr
 from pretrain.errors import EXIT_PEER_FAILED, EXIT_REQUEUE, UserError
@@ -138,8 +139,9 @@ class Trainer:
         self.run_dir = f"{cfg.run.out_dir.rstrip('/')}/{cfg.run.name}"
         self.ckpt_dir = f"{self.run_dir}/checkpoints"
 
-        self.stream = stream if stream is not None else build_train_stream(cfg, self.rank, self.world)
-        self._check_eval_urls()
+        self.indexes = shared_indexes(cfg, train=stream is None)  # rank 0 reads them, the others receive
+        self.stream = stream if stream is not None else build_train_stream(cfg, self.rank, self.world,
+                                                                           self.indexes["train"])
         if cfg.task.kind == "mae":
             self.num_classes = 0
         else:
@@ -181,7 +183,7 @@ class Trainer:
         self.flops_per_image = 3.0 * self.module.flops_per_image()  # forward + backward
         self.peak = peak_flops(self.device)
         if self.world > 1:  # the stop flag travels on a CPU group: no device sync
-            self.flag_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+            self.flag_group = pdist.cpu_group()
         self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
                                  progress=cfg.logging.progress, total_steps=self.total_steps, start_step=self.step)
         self._log_derived()
@@ -192,21 +194,6 @@ class Trainer:
         self.max_bad = cfg.optim.max_nonfinite_steps + (32 if self.precision.name == "fp16" else 0)
 
     # ------------------------------------------------------------------ set-up helpers
-    def _check_eval_urls(self) -> None:
-        """Evaluation's shards resolve now (a local index or a listing), not at the first evaluation hours in."""
-        from pretrain.data.index import read_index
-
-        e = self.cfg.eval
-        urls = {"data.val_urls": self.cfg.data.val_urls}
-        if e.knn_every_steps:
-            urls.update({"eval.knn_train_urls": e.knn_train_urls, "eval.knn_val_urls": e.knn_val_urls})
-        for key, value in urls.items():
-            if value:
-                try:
-                    read_index(value)
-                except UserError as err:
-                    raise UserError(f"config key {key}: {err}") from None
-
     def _write_run_files(self) -> None:
         fs, root = fsspec.core.url_to_fs(self.run_dir)
         fs.makedirs(root, exist_ok=True)
