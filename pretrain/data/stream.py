@@ -443,10 +443,10 @@ class _EvalSlots(IterableDataset):
 class EvalStream:
     """Every sample exactly once across ranks, in index order, no drop; bad samples skipped and logged."""
 
-    def __init__(self, urls, cfg, rank: int, world_size: int):
+    def __init__(self, urls, cfg, rank: int, world_size: int, index: Optional[ShardIndex] = None):
         from pretrain.models.vit import resolve_arch
 
-        self.index = read_index(urls)
+        self.index = index or read_index(urls)
         self.counts = self.index.counts or count_samples(self.index.shards)
         self.num_classes = len(self.index.classes)
         self.num_samples = sum(self.counts)
@@ -463,8 +463,9 @@ class EvalStream:
         yield from _reraise_user_errors(loader)
 
 
-def build_eval_stream(urls, cfg, rank: int, world_size: int) -> EvalStream:
-    return EvalStream(urls, cfg, rank, world_size)
+def build_eval_stream(urls, cfg, rank: int, world_size: int, index: Optional[ShardIndex] = None) -> EvalStream:
+    """`index`: `urls` already read (by one rank for all); default: read here."""
+    return EvalStream(urls, cfg, rank, world_size, index)
 
 
 @functools.lru_cache(maxsize=16)

@@ -475,7 +475,7 @@ class Trainer:
         d = self.cfg.data
 
         def batches():
-            for batch in build_eval_stream(d.val_urls, self.cfg, self.rank, self.world):
+            for batch in build_eval_stream(d.val_urls, self.cfg, self.rank, self.world, self.indexes["val"]):
                 _fault(self.rank, self.step, "eval")
                 yield batch
 
@@ -493,9 +493,10 @@ class Trainer:
         from pretrain.evaluation.knn import knn_top1
 
         e, d = self.cfg.eval, self.cfg.data
+        train = build_eval_stream(e.knn_train_urls, self.cfg, self.rank, self.world, self.indexes["knn_train"])
+        val = build_eval_stream(e.knn_val_urls, self.cfg, self.rank, self.world, self.indexes["knn_val"])
         with self._gathered():  # no autocast: the k-NN vote itself is fp32
-            top1 = knn_top1(self.module.encoder, build_eval_stream(e.knn_train_urls, self.cfg, self.rank, self.world),
-                            build_eval_stream(e.knn_val_urls, self.cfg, self.rank, self.world), e.knn_k,
+            top1 = knn_top1(self.module.encoder, train, val, e.knn_k,
                             e.knn_temperature, self.device, mean=d.mean, std=d.std,
                             dtype=self.precision.input_dtype)
         self.engine.train()
