@@ -136,15 +136,14 @@ def test_bad_index_on_rank0_ends_every_rank_with_its_message_fast(tmp_path):
     assert took < 90, took
 
 
-def test_one_process_reads_directly_and_counts_pattern_shards(tmp_path):
+def test_one_process_reads_directly_and_errors_name_the_key(tmp_path):
     from pretrain.config import load_config
     from pretrain.data.writer import write_shards
     from pretrain.engine.indexes import shared_indexes
     from pretrain.errors import UserError
 
     made = write_shards("synthetic:30", str(tmp_path), samples_per_shard=10)["splits"]["train"]
-    (tmp_path / "train.json").unlink()  # a pattern without an index: counted from tar headers, once
-    cfg = load_config(None, [f"data.train_urls={tmp_path}/train-*.tar"])
+    cfg = load_config(None, [f"data.train_urls={tmp_path}/train-*.tar"])  # counts from the folder's index
     got = shared_indexes(cfg)  # no process group: read here
     assert list(got) == ["train"] and got["train"].counts == made["counts"]
     assert shared_indexes(cfg, train=False) == {}

@@ -34,11 +34,13 @@ def broadcast_from_rank0(fn: Callable[[], T]) -> T:
     """fn() run on rank 0 only; every rank returns its result, received in one `broadcast_object_list`
     on `cpu_group()`. An error on rank 0 travels in the same broadcast, so no rank is left waiting in the
     collective: a UserError is raised on every rank with rank 0's message; any other error is re-raised on
-    rank 0 and named in a RuntimeError elsewhere. One process (no process group, a world of 1) calls fn."""
+    rank 0 and named in a RuntimeError elsewhere. One process (no process group, a world of 1) calls fn.
+    fn must finish within the group's collective timeout: the other ranks wait for it in the broadcast."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return fn()
+    group = cpu_group()  # made by every rank before rank 0 starts: the others wait in the broadcast alone
     box: list = [None]
     failure = None
     if dist.get_rank() == 0:
@@ -48,7 +50,7 @@ def broadcast_from_rank0(fn: Callable[[], T]) -> T:
             failure, box[0] = e, ("user", str(e))
         except Exception as e:  # noqa: BLE001  told to the peers, then raised here
             failure, box[0] = e, ("error", f"{type(e).__name__}: {first_line(e)}")
-    dist.broadcast_object_list(box, src=0, group=cpu_group())
+    dist.broadcast_object_list(box, src=0, group=group)
     if failure is not None:
         raise failure
     kind, value = box[0]

@@ -3,12 +3,9 @@ in one broadcast (pretrain.dist.broadcast_from_rank0), instead of thousands of r
 index from an object store at the same second. docs/data.md, "Start-up at scale", has the figures."""
 from __future__ import annotations
 
-import dataclasses
-
 from pretrain import dist as pdist
 from pretrain.config import Config
 from pretrain.data.index import ShardIndex, read_index
-from pretrain.data.stream import count_samples
 from pretrain.errors import UserError
 
 
@@ -26,13 +23,13 @@ def index_urls(cfg: Config, train: bool = True) -> dict[str, tuple[str, object]]
 
 
 def read_indexes(urls: dict[str, tuple[str, object]]) -> dict[str, ShardIndex]:
-    """Each index, with sample counts (counted from tar headers, once, for shards listed by pattern);
-    an error names its config key."""
+    """Each index; an error names its config key. Shards listed by pattern without counts are left for the
+    streams to count from their tar headers, as before: on rank 0 alone that walk could outlast the
+    collective timeout the other ranks wait under."""
     out = {}
     for name, (key, value) in urls.items():
         try:
-            idx = read_index(value)
-            out[name] = idx if idx.counts is not None else dataclasses.replace(idx, counts=count_samples(idx.shards))
+            out[name] = read_index(value)
         except UserError as e:
             raise UserError(f"config key {key}: {e}") from None
     return out
