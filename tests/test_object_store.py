@@ -119,7 +119,9 @@ def test_torchrun_two_ranks_from_s3_equals_local(corpus, tmp_path):
     """`vit-pretrain train` on 2 ranks (1 data worker each) from s3 through the dropping proxy, with 64 KiB
     read blocks so that resets also land past a shard's first byte: the logged losses equal a local run's."""
     local, port = corpus
-    proxy = FlakyProxy(port, cut_after=20000, every=2, burst=7)
+    # a cut run of 12 connections: two readers taking turns still each meet s3fs's 5 tries all cut (5 + 5, and
+    # the HEAD of a reopen), so the reopen path runs however the ranks' requests interleave
+    proxy = FlakyProxy(port, cut_after=20000, every=2, burst=12)
 
     def train(urls, name, env):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

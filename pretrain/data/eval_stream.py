@@ -3,13 +3,13 @@ samples skipped and counted."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.data.index import read_index
+from pretrain.data.index import ShardIndex, read_index
 from pretrain.data.loading import Reader, count_samples, decode_one, reraise_user_errors, to_batch, worker_init
 from pretrain.data.transforms import Decoder
 from pretrain.rng import generator
@@ -53,8 +53,9 @@ class EvalStream:
     `data`: its batch_size, workers and the eval crop (eval_crop_pct) are read; `img_size`: the model's
     input side in pixels."""
 
-    def __init__(self, urls, data: DataConfig, rank: int, world_size: int, *, img_size: int):
-        self.index = read_index(urls)
+    def __init__(self, urls, data: DataConfig, rank: int, world_size: int, *, img_size: int,
+                 index: Optional[ShardIndex] = None):
+        self.index = index or read_index(urls)
         self.counts = self.index.counts or count_samples(self.index.shards)
         self.num_classes = len(self.index.classes)
         self.num_samples = sum(self.counts)
@@ -71,6 +72,7 @@ class EvalStream:
         yield from reraise_user_errors(loader)
 
 
-def build_eval_stream(urls, data: DataConfig, rank: int, world_size: int, *, img_size: int) -> EvalStream:
+def build_eval_stream(urls, data: DataConfig, rank: int, world_size: int, *, img_size: int,
+                      index: Optional[ShardIndex] = None) -> EvalStream:
     """The eval stream of `urls` (arguments as `EvalStream`'s)."""
-    return EvalStream(urls, data, rank, world_size, img_size=img_size)
+    return EvalStream(urls, data, rank, world_size, img_size=img_size, index=index)

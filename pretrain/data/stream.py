@@ -295,9 +295,11 @@ class TrainStream:
 
 
 def build_train_stream(data: DataConfig, rank: int, world_size: int, *, img_size: int, augment: str, seed: int,
-                       accum: int = 1) -> TrainStream:
-    """The train stream of `data.train_urls` (arguments as `TrainStream`'s)."""
-    return TrainStream(data, rank, world_size, img_size=img_size, augment=augment, seed=seed, accum=accum)
+                       accum: int = 1, index: Optional[ShardIndex] = None) -> TrainStream:
+    """The train stream of `data.train_urls` (arguments as `TrainStream`'s; `index`: data.train_urls already
+    read, by one rank for all; default: read here)."""
+    return TrainStream(data, rank, world_size, img_size=img_size, augment=augment, seed=seed, accum=accum,
+                       index=index)
 
 
 # ----------------------------------------------------------------------------- eval

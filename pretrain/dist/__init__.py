@@ -11,11 +11,13 @@ fails says so in the store and every other rank ends within seconds, even one bl
 a rank that stops answering (killed, SIGSTOPped, wedged) is noticed by its neighbour within
 $VIT_PRETRAIN_HEARTBEAT_TIMEOUT seconds. docs/reliability.md has the measured figures.
 
-Modules: `env` (the resolver), `rendezvous` (setup), `watchdog` (the watchdog, abort, teardown).
+Modules: `env` (the resolver), `rendezvous` (setup), `watchdog` (the watchdog, abort, teardown), `share`
+(rank 0 reads, the others receive: `broadcast_from_rank0` on the CPU group `cpu_group`).
 """
 from pretrain.dist.env import DistEnv, device_index, export_env, free_port, rank_device, resolve
 from pretrain.dist.rendezvous import RendezvousError, gloo_interface, setup
+from pretrain.dist.share import broadcast_from_rank0, cpu_group
 from pretrain.dist.watchdog import abort, run_guarded, teardown
 
-__all__ = ["DistEnv", "RendezvousError", "abort", "device_index", "export_env", "free_port", "gloo_interface",
-           "rank_device", "resolve", "run_guarded", "setup", "teardown"]
+__all__ = ["DistEnv", "RendezvousError", "abort", "broadcast_from_rank0", "cpu_group", "device_index", "export_env",
+           "free_port", "gloo_interface", "rank_device", "resolve", "run_guarded", "setup", "teardown"]

@@ -11,26 +11,12 @@ from pretrain.engine.ds import autocast
 from pretrain.errors import UserError
 
 
-def check_eval_urls(cfg) -> None:
-    """The monitors' shards resolve now (a local index or a listing), not at the first evaluation hours in."""
-    from pretrain.data.index import read_index
-
-    urls = {"data.val_urls": cfg.data.val_urls}
-    if cfg.eval.knn_every_steps:
-        urls.update({"eval.knn_train_urls": cfg.eval.knn_train_urls, "eval.knn_val_urls": cfg.eval.knn_val_urls})
-    for key, value in urls.items():
-        if value:
-            try:
-                read_index(value)
-            except UserError as err:
-                raise UserError(f"config key {key}: {err}") from None
-
-
 class Monitors:
-    def __init__(self, cfg, engine, precision, device, log, faults, *, rank: int, world: int):
+    def __init__(self, cfg, engine, precision, device, log, faults, *, rank: int, world: int, indexes: dict):
         self.cfg, self.engine, self.module = cfg, engine, engine.module
         self.precision, self.device, self.log, self.faults = precision, device, log, faults
         self.rank, self.world = rank, world
+        self.indexes = indexes  # read once per job (engine/indexes.py)
         self.zero3 = engine.zero_optimization_stage() == 3
 
     def evaluate(self, step: int) -> dict | None:
@@ -43,7 +29,7 @@ class Monitors:
         d = self.cfg.data
 
         def batches():
-            for batch in self._eval_stream(d.val_urls):
+            for batch in self._eval_stream(d.val_urls, "val"):
                 self.faults.check(step, "eval")
                 yield batch
 
@@ -59,18 +45,20 @@ class Monitors:
 
         e, d = self.cfg.eval, self.cfg.data
         with self._outside_training():  # no autocast: the k-NN vote itself is fp32
-            top1 = knn_top1(self.module.encoder, self._eval_stream(e.knn_train_urls), self._eval_stream(e.knn_val_urls), e.knn_k,
+            top1 = knn_top1(self.module.encoder, self._eval_stream(e.knn_train_urls, "knn_train"),
+                            self._eval_stream(e.knn_val_urls, "knn_val"), e.knn_k,
                             e.knn_temperature, self.device, mean=d.mean, std=d.std,
                             dtype=self.precision.input_dtype)
         self.log.scalars(step, "knn", {"top1": top1})
 
-    def _eval_stream(self, urls):
-        """A split's eval stream at the model's input size (data.* settings: batch, workers, crop, normalisation)."""
+    def _eval_stream(self, urls, name: str):
+        """A split's eval stream at the model's input size (data.* settings: batch, workers, crop, normalisation),
+        from the index read at start-up (`name` in engine/indexes.py)."""
         from pretrain.data import build_eval_stream
         from pretrain.models import resolve_arch
 
         return build_eval_stream(urls, self.cfg.data, self.rank, self.world,
-                                 img_size=resolve_arch(self.cfg.model)["img_size"])
+                                 img_size=resolve_arch(self.cfg.model)["img_size"], index=self.indexes.get(name))
 
     def pictures(self, step: int, images: torch.Tensor) -> None:
         """The Task's pictures (Task.pictures) of `images` (B, C, H, W), normalised, in fp32."""

@@ -27,8 +27,9 @@ from pretrain.engine.consolidate import load_source
 from pretrain.engine.ds import autocast, initialize, resolve_precision
 from pretrain.engine.faults import Faults
 from pretrain.engine.guard import NonFiniteError, NonFiniteGuard
+from pretrain.engine.indexes import shared_indexes
 from pretrain.engine.metrics import Console, MetricsLogger, Window, peak_flops
-from pretrain.engine.monitors import Monitors, check_eval_urls
+from pretrain.engine.monitors import Monitors
 from pretrain.engine.schedule import build_schedule, peak_lr
 from pretrain.engine.stopping import stop_requested, stop_signals
 from pretrain.errors import EXIT_REQUEUE, UserError
@@ -98,7 +99,7 @@ class Trainer:
         self.run_dir = f"{cfg.run.out_dir.rstrip('/')}/{cfg.run.name}"
         self.ckpt_dir = f"{self.run_dir}/checkpoints"
         # CPU collectives (the stop vote, a skipped step's losses) on a gloo group: no device sync
-        self.cpu_group = dist.new_group(backend="gloo") if self.world > 1 and dist.get_backend() != "gloo" else None
+        self.cpu_group = pdist.cpu_group() if self.world > 1 else None
         self.guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps, self.console, fp16=self.precision.name == "fp16",
                                     world=self.world, group=self.cpu_group)
         self._open_data(stream, task_cls)
@@ -108,15 +109,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up steps
     def _open_data(self, stream, task_cls: type) -> None:
-        """The training stream, the evaluation shards checked, and the classes the Task learns (0 when it
+        """The shard indexes (read once per job), the training stream, and the classes the Task learns (0 when it
         needs no labels; a Task that needs them refuses 0)."""
         from pretrain.data import build_train_stream
 
         cfg = self.cfg
+        self.indexes = shared_indexes(cfg, train=stream is None)  # rank 0 reads them, the others receive
         self.stream = stream if stream is not None else build_train_stream(
             cfg.data, self.rank, self.world, img_size=resolve_arch(cfg.model)["img_size"], augment=task_cls.augment,
-            seed=cfg.run.seed, accum=cfg.optim.accum_steps)
-        check_eval_urls(cfg)
+            seed=cfg.run.seed, accum=cfg.optim.accum_steps, index=self.indexes["train"])
         self.num_classes = 0
         if task_cls.needs_labels:
             self.num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else self.stream.num_classes
@@ -212,7 +213,7 @@ class Trainer:
         self.log = MetricsLogger(self.run_dir, self.console, tensorboard=cfg.logging.tensorboard,
                                  progress=cfg.logging.progress, total_steps=self.total_steps, start_step=self.step)
         self.monitors = Monitors(cfg, self.engine, self.precision, self.device, self.log, self.faults,
-                                 rank=self.rank, world=self.world)
+                                 rank=self.rank, world=self.world, indexes=self.indexes)
         self._log_derived()
         self._window, self._lr, self.final, self.fixed_images = Window(), 0.0, {}, None
 
