@@ -8,7 +8,6 @@ import contextlib
 import torch
 
 from pretrain.engine.ds import autocast
-from pretrain.errors import UserError
 
 
 class Monitors:

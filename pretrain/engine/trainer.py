@@ -16,7 +16,6 @@ import time
 
 import fsspec
 import torch
-import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from pretrain import dist as pdist

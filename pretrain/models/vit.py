@@ -16,9 +16,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from pretrain.errors import UserError
-from pretrain.models.archs import (  # noqa: F401  (the table's names, re-exported for callers of vit)
-    ARCHS, CONV_STEM_STRIDE, TIMM_NAMES, check_arch, list_models, model_kwargs, registered, resolve_arch,
-)
+from pretrain.models.archs import CONV_STEM_STRIDE, check_arch, registered
 
 
 def mlp_layers(mlp: str) -> dict[str, Any]:
