@@ -36,8 +36,8 @@ CELLS = {
     "pretrain/supervised_tiny_cpu.yaml": (3, ["model.drop_path_rate=0.2", "task.label_smoothing=0.1",
                                                "data.color_jitter=0.4", "data.reprob=0.25",
                                                "model.patch_drop_rate=0.5"]),
-    "pretrain/mae_vit_base_patch16.yaml": (3, []),
-    "pretrain/mae_vit_large_patch16.yaml": (2, ["model.drop_path_rate=0.1"]),
+    # (mae_vit_large_patch16.yaml is this recipe at another size: at CPU size the two cells were one test)
+    "pretrain/mae_vit_base_patch16.yaml": (3, ["model.drop_path_rate=0.1"]),
     "pretrain/mae_tiny_cpu.yaml": (1, ["optim.accum_steps=2"]),
     "finetune/mae_vit_base_patch16_ft.yaml": (2, ["finetune.ema_decay=0.9", "data.color_jitter=0.4"]),
     "finetune/mae_vit_base_patch16_linprobe.yaml": (1, ["data.reprob=0.25"]),
