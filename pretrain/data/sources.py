@@ -18,14 +18,10 @@ from pretrain.errors import UserError
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"}
 SYNTHETIC_CLASSES = 10
 SYNTHETIC_SIDE = 32
-
-
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"}
 
 
 SYNTHETIC_CLASSES = 10
-
-
 SYNTHETIC_SIDE = 32
 
 

@@ -14,20 +14,13 @@ from pretrain.dist import watchdog
 from pretrain.dist.env import DistEnv, device_index, export_env, resolve
 from pretrain.errors import UserError, first_line
 
-
 RDZV_TIMEOUT_ENV = "VIT_PRETRAIN_RDZV_TIMEOUT"
 """Seconds every rank waits for all others to join (default 300)."""
-
-
 COLLECTIVE_TIMEOUT_ENV = "VIT_PRETRAIN_COLLECTIVE_TIMEOUT"
 """Seconds a collective may block before the process group aborts it (default 600). A last resort:
 the watchdog ends a job whose rank failed or went silent long before this."""
-
-
 GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
 """gloo's network interface; derived in setup() when unset (the user's value wins)."""
-
-
 SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
 

@@ -15,11 +15,8 @@ from typing import Callable
 from pretrain.dist.env import DistEnv
 from pretrain.errors import EXIT_PEER_FAILED, first_line
 
-
 HEARTBEAT_TIMEOUT_ENV = "VIT_PRETRAIN_HEARTBEAT_TIMEOUT"
 """Seconds a rank may go without a heartbeat before its neighbour ends the job (default 45)."""
-
-
 PEER_EXIT_DELAY_S = 2.0
 """A rank ended by a peer's failure exits this long after saying so, so that the failing rank exits
 first: torchrun names the earliest failure (whole seconds) as the root cause and shows its traceback."""

@@ -8,7 +8,6 @@ import torch
 
 from pretrain.errors import UserError, first_line
 
-
 TRUSTED_GLOBALS = frozenset({
     # what our own checkpoints pickle besides tensors and containers: DeepSpeed's optimizer metadata and,
     # in checkpoints of earlier versions, every rank's numpy RNG state (numpy 1 and 2 spell it differently)

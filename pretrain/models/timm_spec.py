@@ -7,34 +7,23 @@ from typing import Any
 from pretrain.models.archs import ARCHS, CONV_STEM_STRIDE, TIMM_NAMES
 from pretrain.models.vit import eva_kwargs
 
-
 # Arguments of timm's VisionTransformer that define the inference architecture (drop path is a
 # training-time option, our `pos_embed`/`grad_checkpointing` are not timm's).
 ARCH_KEYS = ("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth",
              "num_heads", "mlp_ratio", "qkv_bias")
-
-
 # Architecture options (model.reg_tokens, init_values, qk_norm), exported only when set, so exports
 # without them keep their arguments.
 OPTION_KEYS = ("reg_tokens", "init_values", "qk_norm")
-
-
 # timm's generic name for non-timm sizes: every architecture number is passed explicitly, so the
 # name only picks timm's ViT factory (and its default pretrained config).
 GENERIC_TIMM_NAME = "vit_base_patch16_224"
-
-
 # The factory for a SwiGLU MLP: JSON cannot name timm's layer classes, but this registration passes
 # mlp_layer=SwiGLUPacked and act_layer=SiLU itself; its other defaults (LayerScale 1e-5, size) are
 # overridden by the explicit arguments.
 SWIGLU_TIMM_NAME = "vit_giant_patch14_dinov2"
-
-
 # `model.rope`: timm's Eva. This registration's defaults (EVA-02 sizes, SwiGLU, RoPE, ref_feat_shape) are all
 # overridden by explicit arguments.
 ROPE_TIMM_NAME = "eva02_tiny_patch14_224"
-
-
 # `model.conv_stem`: the hybrid ViT whose stem is ResNetV2's (no stages), as `pretrain.models.vit` builds it.
 CONV_STEM_TIMM_NAME = "vit_tiny_r_s16_p8_224"
 
