@@ -245,7 +245,7 @@ def test_state_from_other_shards_rejected(shards, tmp_path):
     s = train_stream(other, batch_size=2)
     with pytest.raises(UserError, match="num_samples"):
         s.load_state_dict(train_stream(shards).state_dict())
-    with pytest.raises(UserError, match="data state has version 0; this build reads version 1"):
+    with pytest.raises(UserError, match="data state has version 0; this build reads versions 1 and 2"):
         s.load_state_dict({**s.state_dict(), "version": 0})
 
 

@@ -69,7 +69,7 @@ def test_relayouts_learn_every_sample_exactly_once(trial):
 def test_epochs_differ_and_tail_rotates():
     a = EpochPlan([10, 7, 13], seed=0, epoch=0, history=[(Layout(2, 2, 4, 5), 0)])
     b = EpochPlan([10, 7, 13], seed=0, epoch=1, history=[(Layout(2, 2, 4, 5), 0)])
-    assert a.offset != b.offset or list(a.order) != list(b.order)
+    assert a.order.offset != b.order.offset or list(a.order.order) != list(b.order.order)
     sh, idx = a.locate(np.arange(30))
     assert len(set(zip(sh.tolist(), idx.tolist()))) == 30  # a bijection onto (shard, index) pairs
 

@@ -45,6 +45,9 @@ class MemoryStream:
     def bad_counts(self) -> dict:
         return {}
 
+    def source_counts(self) -> dict:
+        return {}
+
     def close(self) -> None:
         pass
 

@@ -31,7 +31,17 @@ def field_docs(cls=Config, prefix: str = "") -> dict[str, str]:
             out.update(field_docs(hints[f.name], prefix + f.name + "."))
         else:
             out[prefix + f.name] = docs.get(prefix + f.name, "")
+            item = _list_item(hints[f.name])
+            if item is not None:  # a list of sections (data.sources): its entries' keys as `key[i].field`
+                out.update(field_docs(item, prefix + f.name + "[i]."))
     return out
+
+
+def _list_item(typ):
+    """The section type of a list-of-sections field, else None."""
+    args = typing.get_args(typ)
+    is_sections = typing.get_origin(typ) is list and args and dataclasses.is_dataclass(args[0])
+    return args[0] if is_sections else None
 
 
 def render_default_yaml() -> str:
@@ -64,5 +74,12 @@ def render_reference_md() -> str:
             typ = type_name(hints_of[section][key]).replace("|", "\\|")
             default = yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
             out.append(f"| `{section}.{key}` | {typ} | `{default}` | {docs[f'{section}.{key}']} |")
+            item = _list_item(hints_of[section][key])
+            for sub, sub_value in (to_dict(item()).items() if item else ()):
+                sub_typ = type_name(typing.get_type_hints(item)[sub]).replace("|", "\\|")
+                sub_default = yaml.safe_dump(sub_value, default_flow_style=True, width=1000).strip()
+                sub_default = sub_default.removesuffix("...").strip()
+                out.append(f"| `{section}.{key}[i].{sub}` | {sub_typ} | `{sub_default}` | "
+                           f"{docs[f'{section}.{key}[i].{sub}']} |")
         out.append("")
     return "\n".join(out)

@@ -155,6 +155,11 @@ def _build(cls, tree: Any, prefix: str):
         dotted = f"{prefix}{name}"
         if dataclasses.is_dataclass(typ):
             kwargs[name] = _build(typ, tree[name], dotted + ".")
+        elif typing.get_origin(typ) is list and dataclasses.is_dataclass(typing.get_args(typ)[0]):
+            items = tree[name]
+            if not isinstance(items, list):
+                raise UserError(f"config key {dotted}: got {items!r}, expected a list of sections")
+            kwargs[name] = [_build(typing.get_args(typ)[0], item, f"{dotted}[{i}].") for i, item in enumerate(items)]
         else:
             kwargs[name] = _coerce(tree[name], typ, dotted)
     return cls(**kwargs)

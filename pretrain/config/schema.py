@@ -197,15 +197,34 @@ class EvalConfig:
 
 
 @dataclass
+class SourceConfig:
+    train_urls: Union[str, list[str]] = ""
+    """This source's shards, in any form data.train_urls takes."""
+    weight: float = 1.0
+    """Its share of every mixture epoch: weight / the sum of the sources' weights (at least 1/1000)."""
+    name: str = ""
+    """Its name in metrics and TensorBoard (`data/<name>/samples`, `.../bad`); '' = source<i>."""
+
+
+@dataclass
 class DataConfig:
     train_urls: Union[str, list[str]] = ""
     """Training shards: brace pattern, glob, list, or a `<split>.json` index; any fsspec URL or `pipe:`."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture instead of train_urls: `[{train_urls: ..., weight: 0.7, name: web}, ...]`. Each
+    mixture epoch reads data.samples_per_epoch samples (0: the sources' total) in proportion to the weights,
+    interleaved; a source repeats or continues its own epochs, each sample once per source epoch
+    (docs/data.md, Mixtures). Fixed for a run: a resume with other sources or weights is refused."""
+    source_classes: Literal["same", "union"] = "same"
+    """Mixtures: `same`: sources must share one class list (unless the task learns no labels); `union`: learn
+    the union of their class names, each source's labels mapped onto it by name."""
     val_urls: Union[str, list[str]] = ""
     """Validation shards, same forms as train_urls ('' = none)."""
     mode: Literal["epochs", "resampled"] = "epochs"
     """`epochs`: each sample once per epoch; `resampled`: an endless stream of shards drawn with replacement."""
     samples_per_epoch: int = 0
-    """Resampled mode: samples per "epoch" (0 = the index's sample count)."""
+    """Samples per epoch in resampled mode and for a mixture (0 = the shards' sample count, summed over the
+    sources); with one source in `epochs` mode an epoch is the whole index."""
     batch_size: int = 64
     """Micro-batch per device (DeepSpeed's train_micro_batch_size_per_gpu)."""
     workers: int = 4
@@ -235,6 +254,14 @@ class DataConfig:
     """Stop with an error once more than this fraction of samples read is corrupt or unreadable."""
 
     def check(self) -> None:
+        require(not (self.sources and self.train_urls), "data.train_urls", self.train_urls,
+                "must be empty when data.sources is set (a mixture lists each source's train_urls): give one of them")
+        names = [src.name or f"source{i}" for i, src in enumerate(self.sources)]
+        for i, src in enumerate(self.sources):
+            require(bool(src.train_urls), f"data.sources[{i}].train_urls", src.train_urls, "must name shards")
+            require(src.weight > 0, f"data.sources[{i}].weight", src.weight, "must be positive")
+            require(names[i] not in names[:i], f"data.sources[{i}].name", names[i],
+                    "is the name of an earlier source; give each source its own name")
         require(self.batch_size > 0, "data.batch_size", self.batch_size, "must be positive")
         require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
         require(self.shuffle_block > 0, "data.shuffle_block", self.shuffle_block, "must be positive")

@@ -32,7 +32,7 @@ pays O(sum of slots over the layers) vectorised integer work plus the few old bl
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -234,13 +234,14 @@ class Remainder:
         return self.layer.points(v)
 
 
-class EpochPlan:
-    """Shard order, rotation and layers of one epoch; `layers[-1]` is the one being read."""
+class ShardOrder:
+    """One epoch of one source: its shards in a seeded order (in resampled mode, a seeded draw with replacement
+    until `resampled_samples` are covered), concatenated and rotated by a seeded offset (0 when resampled):
+    position p is sample (p + offset) mod n of that concatenation. `key` seeds it: (seed, epoch, 7) for a
+    run's one source, as always, so saved states keep their meaning."""
 
-    def __init__(self, counts: list[int], seed: int, epoch: int, history: list[tuple[Layout, int]],
-                 resampled_samples: int = 0):
-        self.epoch = epoch
-        rng = np.random.default_rng([seed, epoch, 7])
+    def __init__(self, counts: list[int], key: list[int], resampled_samples: int = 0):
+        rng = np.random.default_rng(key)
         counts_a = np.asarray(counts, dtype=np.int64)
         if resampled_samples:
             # endless stream: shards drawn with replacement until the window is covered
@@ -257,6 +258,25 @@ class EpochPlan:
             self.n = int(counts_a.sum())
             self.offset = int(rng.integers(self.n)) if self.n else 0
         self.cum = np.concatenate([[0], np.cumsum(counts_a[self.order])]).astype(np.int64)
+
+    def locate(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index into the source's list, sample index within that shard) of positions p."""
+        q = (p + self.offset) % self.n
+        k = np.searchsorted(self.cum, q, "right") - 1
+        return self.order[k], q - self.cum[k]
+
+
+class EpochPlan:
+    """What an epoch reads (`order`: positions to samples) and its layers; `layers[-1]` is the one being read.
+
+    `order` defaults to the `ShardOrder` of `counts` for this epoch; a mixture of sources passes its own
+    (`pretrain.data.mixture.MixtureWindow`: the same `n` and `locate`, over every source's shards)."""
+
+    def __init__(self, counts: Optional[list[int]], seed: int, epoch: int, history: list[tuple[Layout, int]],
+                 resampled_samples: int = 0, order: "Optional[ShardOrder]" = None):
+        self.epoch = epoch
+        self.order = order if order is not None else ShardOrder(counts, [seed, epoch, 7], resampled_samples)
+        self.n = self.order.n
         seq: Span | Remainder = Span(self.n)
         self.layers: list[Layer] = []
         for i, (layout, n) in enumerate(history):
@@ -266,7 +286,5 @@ class EpochPlan:
                 seq = layer.remaining(n)
 
     def locate(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(shard index into the index's list, sample index within that shard) of positions p."""
-        q = (p + self.offset) % self.n
-        k = np.searchsorted(self.cum, q, "right") - 1
-        return self.order[k], q - self.cum[k]
+        """(shard index into the stream's list, sample index within that shard) of positions p."""
+        return self.order.locate(p)

@@ -157,11 +157,17 @@ def _run_config(run_dir: str):
 
 
 def _class_names(cfg) -> list[str]:
-    if not cfg.data.train_urls:
+    """The class names the run learnt: its shards' (a mixture's: the sources' shared or united list)."""
+    d = cfg.data
+    if not d.train_urls and not d.sources:
         return []
     try:
         from pretrain.data import read_index
+        from pretrain.data.stream import mixture_classes
 
-        return list(read_index(cfg.data.train_urls).classes)
+        if not d.sources:
+            return list(read_index(d.train_urls).classes)
+        lists = [list(read_index(src.train_urls).classes) for src in d.sources]
+        return mixture_classes(lists, [f"data.sources[{i}]" for i in range(len(lists))], d.source_classes, True)[0]
     except Exception:  # the shards may live elsewhere now; names are a convenience, not required
         return []

@@ -10,10 +10,14 @@ from pretrain.errors import UserError
 
 
 def index_urls(cfg: Config, train: bool = True) -> dict[str, tuple[str, object]]:
-    """{name: (config key, its URLs)}: train when `train` (empty is read_index's error to give), then the
-    set ones of val and the k-NN pair."""
-    e = cfg.eval
-    urls = {"train": ("data.train_urls", cfg.data.train_urls)} if train else {}
+    """{name: (config key, its URLs)}: train when `train` (empty is read_index's error to give; a mixture's
+    sources as source0, source1, ...), then the set ones of val and the k-NN pair."""
+    e, d = cfg.eval, cfg.data
+    urls = {}
+    if train and d.sources:  # a mixture: one index per source, in order ("source0", "source1", ...)
+        urls = {f"source{i}": (f"data.sources[{i}].train_urls", src.train_urls) for i, src in enumerate(d.sources)}
+    elif train:
+        urls = {"train": ("data.train_urls", d.train_urls)}
     for name, key, value in (("val", "data.val_urls", cfg.data.val_urls),
                              ("knn_train", "eval.knn_train_urls", e.knn_every_steps and e.knn_train_urls),
                              ("knn_val", "eval.knn_val_urls", e.knn_every_steps and e.knn_val_urls)):
@@ -37,6 +41,10 @@ def read_indexes(urls: dict[str, tuple[str, object]]) -> dict[str, ShardIndex]:
 
 def shared_indexes(cfg: Config, train: bool = True) -> dict[str, ShardIndex]:
     """{"train", "val", "knn_train", "knn_val"}: the indexes the config sets (train only when `train`),
-    read on rank 0 and received by every rank; a read error ends every rank with rank 0's message."""
+    read on rank 0 and received by every rank; a read error ends every rank with rank 0's message. A
+    mixture's "train" is the list of its sources' indexes."""
     urls = index_urls(cfg, train)
-    return pdist.broadcast_from_rank0(lambda: read_indexes(urls))
+    got = pdist.broadcast_from_rank0(lambda: read_indexes(urls))
+    if train and cfg.data.sources:
+        got["train"] = [got.pop(f"source{i}") for i in range(len(cfg.data.sources))]
+    return got

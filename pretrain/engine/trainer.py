@@ -116,7 +116,7 @@ class Trainer:
         self.indexes = shared_indexes(cfg, train=stream is None)  # rank 0 reads them, the others receive
         self.stream = stream if stream is not None else build_train_stream(
             cfg.data, self.rank, self.world, img_size=resolve_arch(cfg.model)["img_size"], augment=task_cls.augment,
-            seed=cfg.run.seed, accum=cfg.optim.accum_steps, index=self.indexes["train"])
+            seed=cfg.run.seed, accum=cfg.optim.accum_steps, labels=task_cls.needs_labels, index=self.indexes["train"])
         self.num_classes = 0
         if task_cls.needs_labels:
             self.num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else self.stream.num_classes
@@ -152,6 +152,7 @@ class Trainer:
         self.zero3 = self.engine.zero_optimization_stage() == 3
         self.mixup = self._build_mixup() if task_cls.needs_labels else None
         self.step, self.epoch, self.samples_seen = 0, 0, 0
+        self._source_base: dict = {}  # per-source totals at the checkpoint resumed from (a mixture)
         self.last_good_tag = None
         if points:
             self._load(*ckpt.load_resume(self.engine, points, fallback, rank=self.rank, world_size=self.world,
@@ -184,6 +185,7 @@ class Trainer:
         is seeded from the run's position (pretrain/rng.py)."""
         self.step, self.epoch = int(client["step"]), int(client["epoch"])
         self.samples_seen, self.guard.total = int(client["samples_seen"]), int(client["skipped_total"])
+        self._source_base = client.get("source_counts", {})
         horizon = client["schedule"]  # warm-up and cosine keep their place in images seen
         self.schedule = build_schedule(self.cfg.optim, self.effective_batch, self.steps_per_epoch, self.total_steps,
                                        horizon=horizon)
@@ -376,7 +378,23 @@ class Trainer:
         if any(bad.values()):
             row["bad_samples"] = sum(bad.values())
         self.log.log(self.step, {k: v for k, v in row.items() if v is not None})
+        sources = self._source_totals()
+        if sources:
+            self.log.scalars(self.step, "data", {f"{n}/{k}": v for n, c in sources.items() for k, v in c.items()})
         self.final = row
+
+    def _source_totals(self) -> dict[str, dict[str, int]]:
+        """A mixture's samples and bad samples per source since the run began, summed over ranks (a collective
+        on the CPU group: every rank calls it at the same step); {} for one source."""
+        local = self.stream.source_counts()
+        if not local:
+            return {}
+        counts = torch.tensor([[c["samples"], c["bad"]] for c in local.values()], dtype=torch.int64)
+        if self.world > 1:
+            torch.distributed.all_reduce(counts, group=self.cpu_group)
+        base = self._source_base
+        return {n: {"samples": int(a) + base.get(n, {}).get("samples", 0),
+                    "bad": int(b) + base.get(n, {}).get("bad", 0)} for n, (a, b) in zip(local, counts.tolist())}
 
     def _say_done(self) -> None:
         """The run's last line: how far it got, where its files are, and what to run next."""
@@ -393,6 +411,7 @@ class Trainer:
                   "total_steps": self.total_steps, "effective_batch": self.effective_batch,
                   "schedule": self.schedule.state_dict(),
                   "skipped_total": self.guard.total, "config": to_yaml(self.cfg),
+                  "source_counts": self._source_totals(),
                   "data_state": self.stream.state_dict()}
         self.faults.check(self.step, "save")
         self.last_good_tag = ckpt.save(self.engine, self.ckpt_dir, self.step, client, rank=self.rank,
