@@ -81,8 +81,8 @@ def test_relayouts_read_each_source_sample_once_per_source_epoch(trial):
     start, read = 0, []
     for _ in range(3):
         while True:  # a first layout the epoch fills one step of (the stream refuses an epoch too small)
-            chain = [(Layout(int(rng.integers(1, 9)), int(rng.integers(1, 5)), int(rng.integers(1, 6)),
-                             int(rng.integers(1, 9)), int(rng.integers(1, 4))), None) for _ in range(rng.integers(1, 4))]
+            chain = [(Layout(*(int(rng.integers(1, hi)) for hi in (9, 5, 6, 9, 4))), None)
+                     for _ in range(rng.integers(1, 4))]
             first = chain[0][0]
             if n >= first.world_size * first.batch_size * first.accum:
                 break
@@ -161,8 +161,8 @@ def test_stream_relayouts_across_mixture_epochs(two):
     def real(streams, n, to_end):
         """Real labels of the next n batches of every rank, step by step (to the epoch's end: the stream's
         iterator is run out, as the trainer's is)."""
-        got = [list(s.iter_epoch_weighted(epoch)) if to_end else [b for _, b in zip(range(n), s.iter_epoch_weighted(epoch))]
-               for s in streams]
+        got = [list(s.iter_epoch_weighted(epoch)) if to_end else
+               [b for _, b in zip(range(n), s.iter_epoch_weighted(epoch))] for s in streams]
         return [v for k in range(n) for g in got
                 for v, w in zip(g[k][1].tolist(), g[k][2] if g[k][2] is not None else [1] * len(g[k][1])) if w]
 

@@ -135,14 +135,24 @@ def test_supervised_run_writes_run_dir_and_learns(shards, tmp_path):
 
 @pytest.mark.slow
 def test_mae_run_logs_reconstructions(shards, tmp_path):
-    cfg = _cfg(TINY_MAE, shards, tmp_path, "optim.max_steps=6", "logging.images_every_steps=3",
-               "logging.every_steps=2", "eval.knn_every_steps=3", f"eval.knn_train_urls={shards}/train.json",
-               f"eval.knn_val_urls={shards}/val.json")
+    """MAE on a mixture of two sources (the second one unlabelled): reconstructions, k-NN and per-source counts
+    in TensorBoard."""
+    write_shards("digits", str(tmp_path / "digits"), samples_per_shard=200)  # labelled with other classes
+    mixture = (f"data.sources=[{{train_urls: {shards}/train.json, weight: 3, name: synth}}, "
+               f"{{train_urls: {tmp_path}/digits/train.json, weight: 1, name: digits}}]")
+    cfg = load_config(TINY_MAE, [mixture, f"run.out_dir={tmp_path}", "optim.max_steps=6", "logging.every_steps=2",
+                                 "logging.images_every_steps=3", "eval.knn_every_steps=3",
+                                 f"eval.knn_train_urls={shards}/train.json", f"eval.knn_val_urls={shards}/val.json"])
     result = train(cfg)
     run = Path(result["run_dir"])
     assert json.loads((run / "model.json").read_text())["create_model"]["num_classes"] == 0
     assert sorted(metrics_rows(run)) == [2, 4, 6]
     tb = _tb(run)
+    seen = {name: [e.value for e in tb.Scalars(f"data/{name}/samples")] for name in ("synth", "digits")}
+    batch = cfg.data.batch_size
+    assert [a + b for a, b in zip(seen["synth"], seen["digits"])] == [2 * batch, 4 * batch, 6 * batch]
+    assert abs(seen["digits"][-1] / (6 * batch) - 0.25) < 0.05
+    assert [e.value for e in tb.Scalars("data/digits/bad")] == [0, 0, 0]
     images = tb.Tags()["images"]
     assert "mae/input_masked_reconstruction" in images and "attention/last_block" in images
     assert [e.step for e in tb.Images("mae/input_masked_reconstruction")] == [3, 6]

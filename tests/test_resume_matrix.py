@@ -6,7 +6,8 @@ Mixup/CutMix, label smoothing, RandAugment, random erasing, colour jitter, EMA w
 patch dropout and gradient accumulation in one cell each),
 trained on 2 processes under torchrun across epoch boundaries; the whole job is killed with SIGKILL at a
 random step after its first checkpoint and the same command is run again. Every logged metric and every
-consolidated parameter must equal the uninterrupted run's bit for bit.
+consolidated parameter must equal the uninterrupted run's bit for bit. One cell reads a weighted mixture of
+two sources (data.sources) instead of one, its per-source counts logged and compared too.
 """
 import os
 import random
@@ -31,8 +32,10 @@ CPU_SIZE = ["model.arch=vit_nano_patch4_16", "data.batch_size=8", "data.workers=
             "checkpoint.every_steps=3", "checkpoint.keep=10", "logging.every_steps=1", "logging.progress=false",
             "logging.images_every_steps=0"]
 # recipe -> (ZeRO stage, extra stochastic features on top of the recipe's own); stages 0-3 all covered
+MIXTURE = ("data.sources=[{train_urls: DATA/train.json, weight: 0.7, name: a}, "
+           "{train_urls: DATA/b/train.json, weight: 0.3, name: b}]")
 CELLS = {
-    "pretrain/supervised_vit_base_patch16_deit.yaml": (0, []),
+    "pretrain/supervised_vit_base_patch16_deit.yaml": (0, [MIXTURE, "data.samples_per_epoch=80"]),
     "pretrain/supervised_tiny_cpu.yaml": (3, ["model.drop_path_rate=0.2", "task.label_smoothing=0.1",
                                                "data.color_jitter=0.4", "data.reprob=0.25",
                                                "model.patch_drop_rate=0.5"]),
@@ -50,14 +53,17 @@ def data(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("matrix")
     write_shards("synthetic:100", str(out), samples_per_shard=24, val_fraction=0.2)
+    write_shards("synthetic:40", str(out / "b"), samples_per_shard=10, val_fraction=0.2, seed=1)  # the mixture's b
     export_nano(out / "enc.safetensors")
     return out
 
 
 def _command(recipe: str, stage: int, extra: list[str], data: Path, out: Path, name: str) -> list[str]:
+    mixture = extra and extra[0] == MIXTURE
+    train = [MIXTURE.replace("DATA", str(data))] if mixture else [f"data.train_urls={data}/train.json"]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(free_port()), "-m", "pretrain", "train", str(REPO / "configs" / recipe), *CPU_SIZE, *extra,
-            f"deepspeed.zero_stage={stage}", f"data.train_urls={data}/train.json",
+            str(free_port()), "-m", "pretrain", "train", str(REPO / "configs" / recipe), *CPU_SIZE,
+            *extra[mixture:], f"deepspeed.zero_stage={stage}", *train,
             f"finetune.init_from={data}/enc.safetensors", f"run.out_dir={out}", f"run.name={name}"]
 
 
@@ -88,6 +94,18 @@ def _kill9_at(cmd: list[str], run_dir: Path, step: int) -> None:
     proc.wait()
 
 
+def _source_rows(run_dir: Path) -> dict:
+    """{step: the last data/<source>/... row} of a run's metrics.jsonl."""
+    import json
+
+    rows = {}
+    for line in open(run_dir / "metrics.jsonl"):
+        r = json.loads(line)
+        if any(k.startswith("data/") for k in r):
+            rows[r["step"]] = r
+    return rows
+
+
 @pytest.mark.parametrize("recipe", sorted(CELLS))
 def test_kill9_resume_is_exact(recipe, data, tmp_path):
     from pretrain.engine.consolidate import consolidate
@@ -107,6 +125,12 @@ def test_kill9_resume_is_exact(recipe, data, tmp_path):
     for s in range(1, STEPS + 1):
         assert {k: whole[s][k] for k in keys} == {k: again[s].get(k) for k in keys}, \
             f"{recipe}, ZeRO {stage}, killed at step {kill_at}: step {s} differs"
+    if MIXTURE in extra:  # per-source totals: logged at every step, carried over the kill by the checkpoint
+        sources = [_source_rows(tmp_path / name) for name in ("whole", "cut")]
+        assert sources[0] == sources[1] and sorted(sources[0]) == list(range(1, STEPS + 1))
+        last = sources[0][STEPS]
+        assert last["data/a/samples"] + last["data/b/samples"] == STEPS * 16
+        assert abs(last["data/b/samples"] / (STEPS * 16) - 0.3) < 0.05
     a, _ = consolidate(str(tmp_path / "whole"))
     b, _ = consolidate(str(tmp_path / "cut"))
     assert sorted(a) == sorted(b)

@@ -138,8 +138,8 @@ def _apply_override(tree: dict, item: str) -> None:
 def _build(cls, tree: Any, prefix: str):
     if not isinstance(tree, dict):
         where = f"config key {prefix.rstrip('.')}" if prefix else "config"
-        raise UserError(f"{where}: got {tree!r}, expected a section (a mapping of keys); set its keys, "
-                        f"e.g. {prefix or 'optim.'}KEY=VALUE")
+        how = "write it as {KEY: VALUE, ...}" if prefix.endswith("].") else f"e.g. {prefix or 'optim.'}KEY=VALUE"
+        raise UserError(f"{where}: got {tree!r}, expected a section (a mapping of keys); set its keys, {how}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in tree:
