@@ -187,16 +187,18 @@ def test_stream_relayouts_across_mixture_epochs(two):
     assert counts[70:].sum() > 23 and counts[:70].sum() < 2 * 70  # b repeated; a is in its second source epoch
 
 
-def test_resume_mid_epoch_gives_identical_batches(two):
-    it = mixed(two)
+@pytest.mark.parametrize("mode", ["epochs", "resampled"])
+def test_resume_mid_epoch_gives_identical_batches(two, mode):
+    """Stopped in the second mixture epoch and resumed from its JSON state: the same batches, images included."""
+    it = mixed(two, mode=mode)
     list(it.iter_epoch(0))  # epoch 0 whole: epoch 1 starts at 48
     e1 = it.iter_epoch(1)
     head = [next(e1) for _ in range(5)]
     state = json.loads(json.dumps(it.state_dict()))
-    resumed = mixed(two)
+    resumed = mixed(two, mode=mode)
     resumed.load_state_dict(state)
     rest = list(resumed.iter_epoch(1))
-    again = mixed(two)
+    again = mixed(two, mode=mode)
     list(again.iter_epoch(0))
     uninterrupted = list(again.iter_epoch(1))
     assert len(head) + len(rest) == len(uninterrupted) == 12
