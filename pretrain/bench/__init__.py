@@ -1,9 +1,9 @@
 """`vit-pretrain bench [NAME ...]`: each benchmark times ours and a baseline in the same run.
 
 Sub-benchmarks live in `pretrain/bench/<name>.py`, each with `add_arguments(parser)` (its own
-options, prefixed with its name) and `run(args) -> dict | list[dict]`, each row with at least
-{"name", "ours", "baseline", "unit", "ratio", "goal", "met"}; this module prints a table and
-writes all results as JSON. Every benchmark runs on the main install (`scripts/setup.sh`); one that
+options, prefixed with its name) and `run(args) -> dict | list[dict]` (or a generator of rows: the JSON
+is rewritten after each), each row with at least {"name", "ours", "baseline", "unit", "ratio", "goal",
+"met"}; this module prints a table and writes all results as JSON. Every benchmark runs on the main install (`scripts/setup.sh`); one that
 needs an optional module says in one line which extra installs it.
 """
 from __future__ import annotations
@@ -75,15 +75,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"== bench {name}", file=sys.stderr, flush=True)
         try:
             out = _module(name).run(args)
+            for row in [out] if isinstance(out, dict) else out:  # a list, or a generator yielding as it goes
+                results.append(row)
+                _write(args.json, results)
         except ModuleNotFoundError as e:  # an optional module imported where it is used
             if (e.name or "").startswith("pretrain"):
                 raise
             raise _needs(name, e) from None
-        results.extend(out if isinstance(out, list) else [out])
     print(format_table(results))
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
+    _write(args.json, results)
     return 0
+
+
+def _write(path: str, results: list[dict]) -> None:
+    """All rows so far, replaced whole (written beside, then renamed), so a run cut short keeps what it measured."""
+    import os
+
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(f"{path}.tmp", path)
 
 
 def format_table(results: list[dict]) -> str:

@@ -97,18 +97,25 @@ def build_ours(cfg, images, labels, num_classes):
     return trainer
 
 
-def build_baseline(cfg, images, labels, num_classes, device, ddp: bool = False):
-    """The bare loop: same timm model, AdamW, loss, precision; no engine, no logging (DDP if asked)."""
+def build_baseline(cfg, images, labels, num_classes, device, ddp: bool = False, compile: bool = False):
+    """The bare loop: the same timm model, our optimizer (AdamW, fused on CUDA, our tasks' weight-decay
+    groups; without the engine's non-finite guard), our input path (the uint8 batch copied to the device and
+    normalised every step), the same loss and precision; no engine, no logging. `compile`: the whole model
+    under torch.compile, as timm's train.py --torchcompile does; `ddp`: wrapped in DistributedDataParallel."""
     from pretrain.data import normalize
-    from pretrain.engine.ds import resolve_precision
-    from pretrain.models import create_model, model_kwargs
+    from pretrain.engine.ds import build_optimizer, resolve_precision
+    from pretrain.tasks.supervised import SupervisedTask
 
     torch.manual_seed(cfg.run.seed)
-    model = create_model(cfg.model.arch, **model_kwargs(cfg.model, num_classes)).to(device)
+    task = SupervisedTask(cfg, num_classes).to(device)
+    opt = build_optimizer(cfg, task.param_groups(cfg), device, guard=False)
+    for g in opt.param_groups:
+        g["lr"] = 1e-4  # ours starts at lr 0 in warm-up; a non-zero lr keeps the update from being trivial
+    model = task.encoder
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay)
+    if compile:
+        model = torch.compile(model)
     precision = resolve_precision(cfg.deepspeed, device)
     mean, std = cfg.data.mean, cfg.data.std
     model.train()

@@ -120,10 +120,11 @@ def guarded(optimizer_cls):
     return Guarded
 
 
-def build_optimizer(cfg, param_groups: list[dict], device: torch.device):
+def build_optimizer(cfg, param_groups: list[dict], device: torch.device, *, guard: bool = True):
     """AdamW. On CUDA by default torch's fused kernel (nothing to compile on the compute nodes);
     `optim.impl=deepspeed` picks DeepSpeed's FusedAdam (JIT-built with nvcc at first use). With the
-    optimizer offloaded, DeepSpeed requires its CPU Adam (also JIT-built)."""
+    optimizer offloaded, DeepSpeed requires its CPU Adam (also JIT-built). `guard=False` leaves out the
+    ZeRO-0 non-finite guard (the engine's, not the optimizer's): the benchmarks' plain loops."""
     o = cfg.optim
     kwargs = dict(lr=0.0, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=1e-8)
     stage0 = cfg.deepspeed.zero_stage == 0
@@ -134,11 +135,11 @@ def build_optimizer(cfg, param_groups: list[dict], device: torch.device):
     if device.type == "cuda" and o.impl == "deepspeed":
         from deepspeed.ops.adam import FusedAdam
 
-        cls = guarded(FusedAdam) if stage0 else FusedAdam
+        cls = guarded(FusedAdam) if stage0 and guard else FusedAdam
         return cls(param_groups, adam_w_mode=True, **kwargs)
     if device.type == "cuda":
         kwargs["fused"] = True
-    cls = guarded(torch.optim.AdamW) if stage0 else torch.optim.AdamW
+    cls = guarded(torch.optim.AdamW) if stage0 and guard else torch.optim.AdamW
     return cls(param_groups, **kwargs)
 
 

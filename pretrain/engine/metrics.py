@@ -13,19 +13,25 @@ import time
 import fsspec
 import torch
 
-# dense bf16/fp16 peak FLOP/s of common accelerators, for the MFU estimate (None where unknown: CPU)
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-              "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Dense (no 2:4 sparsity) bf16 tensor-core peak FLOP/s by device name: the one MFU basis everywhere (metrics.jsonl,
+# `bench gpu`, scripts/flops_table.py, the docs). Matched as substrings of torch.cuda.get_device_name, most specific
+# first, so PCIe and NVL parts never take the SXM figure ("NVIDIA H100 80GB HBM3" is the SXM part). Hopper figures:
+# NVIDIA's H100 and H200 datasheets list bf16 with sparsity, halved here: H100/H200 SXM 1,979 -> 989; H100 PCIe
+# 1,513 -> 756; H100 NVL and H200 NVL 1,671 -> 835. None where unknown (the CPU, an unlisted GPU).
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+              ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12), ("V100", 125e12),
+              ("RTX 4090", 165e12), ("RTX 3090", 71e12))
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """The dense bf16 peak of `device` (PEAK_FLOPS), None off CUDA or for a GPU not listed."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
+    return next((value for key, value in PEAK_FLOPS if key in name), None)
 
 
 class Console:
