@@ -1,58 +1,85 @@
 #!/usr/bin/env bash
-# Every GPU check in one command, on a GPU machine, from the project root:
-#   scripts/gpu_check.sh                  # `pytest -m gpu` (tests/test_gpu.py), then `bench gpu`
-#   BENCH_ARGS="--quick" scripts/gpu_check.sh
-#   PARTS=tests scripts/gpu_check.sh      # one part (tests | bench), e.g. to fit a time limit per command
+# Every GPU check in one command of at most BUDGET_S seconds, on a GPU machine, from the project root; the parts
+# run in order of value, each under what is left of the budget, each writing its JSON and log to $OUT as it goes:
+#   bench_b  `bench gpu` ViT-B/16 batch 256: ours compiled vs the compiled timm loop, MAE-B compiled, then eager
+#   bench_l  `bench gpu` ViT-L/16 from batch L_BATCH (halved until it fits): compiled, then eager
+#   tests    `pytest -m gpu` (tests/test_gpu.py) with the time left
+#   scripts/gpu_check.sh                       # all three within BUDGET_S (default 540 s)
+#   DRY_RUN=1 PYTHON=.venv/bin/python scripts/gpu_check.sh   # the same parts on the CPU (bench gpu --gpu-dry-run)
+#   PARTS="bench_b tests" ATTENTION=flash,cudnn scripts/gpu_check.sh   # some parts; attention backends of ours
 #   PYTEST_ARGS="-k bf16" PARTS=tests scripts/gpu_check.sh   # a subset of the gpu tests
-# Logs, JSON and summary.md go to $OUT if set, else ./gpu_check_out. On an offline machine the wheels
-# the image lacks (deepspeed, webdataset, pytest, ...; scripts/gpu_wheels.sh puts them in .whl/) are installed
-# into /tmp/site first, and the package runs as `python3 -m pretrain` (../shared/GPU.md).
-# Exit status: 0 when the tests and the benchmark both ran clean, else 1.
+# Settings: B_VARIANTS, L_VARIANTS (bench gpu --gpu-variants), L_BATCH, ATTENTION (--gpu-attention; needs the
+# model.attention_backend config key), BENCH_ARGS (more bench flags), B_S / L_S (each bench part's cap in s).
+# Logs, JSON and summary.md go to $OUT if set, else ./gpu_check_out (8 files at most). On an offline machine the
+# wheels the image lacks (deepspeed, webdataset, pytest, ...; scripts/gpu_wheels.sh puts them in .whl/) are
+# installed into /tmp/site first, and the package runs as `python3 -m pretrain` (../shared/GPU.md).
+# Exit status: 0 when every part ran clean, else 1.
 set -uo pipefail
 OUT=${OUT:-./gpu_check_out}
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
-PARTS=${PARTS:-tests bench}
+PARTS=${PARTS:-bench_b bench_l tests}
+BUDGET_S=${BUDGET_S:-540}
+DRY_RUN=${DRY_RUN:-0}
+B_VARIANTS=${B_VARIANTS:-timm_compiled,ours_compiled,mae_compiled,timm,ours,mae}
+L_VARIANTS=${L_VARIANTS:-timm_compiled,ours_compiled,timm,ours}
+L_BATCH=${L_BATCH:-512}
 mkdir -p "$OUT"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl || exit 1
 fi
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda \
+accel=cuda dry=()
+[ "$DRY_RUN" = 1 ] && accel=cpu dry=(--gpu-dry-run)
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DS_ACCELERATOR=$accel \
   TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
 
 { nvidia-smi || true
-  "$PY" -c "import torch, deepspeed, timm, pretrain
+  "$PY" -c "import torch, pretrain._compat, deepspeed, timm  # _compat before timm: a CPU-only torch
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__, 'timm', timm.__version__)
-print('gpu', torch.cuda.get_device_name(), 'bf16 native', torch.cuda.is_bf16_supported(including_emulation=False))"
+if torch.cuda.is_available():
+    print('gpu', torch.cuda.get_device_name(), 'bf16 native', torch.cuda.is_bf16_supported(including_emulation=False))
+else:
+    print('gpu none: the CPU (dry run)' if '$DRY_RUN' == '1' else 'gpu none'); assert '$DRY_RUN' == '1', 'no CUDA device'"
 } > "$OUT/env.txt" 2>&1
 env_rc=$?
 cat "$OUT/env.txt"
 [ $env_rc -eq 0 ] || { echo "gpu_check: the environment is incomplete (see $OUT/env.txt)"; exit 1; }
 
-tests_rc=0 bench_rc=0
+left() { echo $(( BUDGET_S - SECONDS )); }
+cap() { local l; l=$(left); echo $(( $1 < l ? $1 : l )); }  # a part's limit: its cap or what is left
+# SIGINT first: a bench keeps the rows it wrote, pytest still writes its report
+limited() { local s=$1; shift; [ "$s" -gt 10 ] || { echo "gpu_check: no time left for $*"; return 124; }
+  timeout -s INT -k 20 "$s" "$@"; }
+declare -A rc=()
+bench() {  # bench PART JSON_NAME CAP_S ARGS...: one `bench gpu` invocation
+  local part=$1 name=$2 limit; limit=$(cap "$3"); shift 3
+  [[ " $PARTS " == *" $part "* ]] || return 0
+  echo "== bench gpu $* (${limit} s) -> $OUT/$name.log"
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+  limited "$limit" "$PY" -m pretrain bench gpu "$@" ${ATTENTION:+--gpu-attention "$ATTENTION"} "${dry[@]}" \
+    ${BENCH_ARGS:-} --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  rc[$part]=$?
+  tail -n 8 "$OUT/$name.log"
+}
+bench bench_b bench_gpu_b "${B_S:-270}" --gpu-archs vit_base_patch16_224 --gpu-batch 256 --gpu-variants "$B_VARIANTS"
+bench bench_l bench_gpu_l "${L_S:-150}" --gpu-archs vit_large_patch16_224 --gpu-batch "$L_BATCH" \
+  --gpu-variants "$L_VARIANTS" --gpu-steps 5 --gpu-rounds 3
 if [[ " $PARTS " == *" tests "* ]]; then
   "$PY" -c "import pytest" 2>/dev/null || echo "gpu_check: pytest is missing here; run scripts/gpu_wheels.sh on a machine with the registries"
-  echo "== pytest -m gpu -> $OUT/gpu_tests.log"
+  echo "== pytest -m gpu ($(left) s) -> $OUT/gpu_tests.log"
   # shellcheck disable=SC2086  # PYTEST_ARGS is a list of flags (e.g. -k to pick tests)
-  "$PY" -m pytest -v -m gpu -rs --durations=25 --timeout=300 tests/test_gpu.py ${PYTEST_ARGS:-} \
+  limited "$(left)" "$PY" -m pytest -v -m gpu -rs --durations=25 --timeout=300 tests/test_gpu.py ${PYTEST_ARGS:-} \
     --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
-  tests_rc=$?
+  rc[tests]=$?
   tail -n 5 "$OUT/gpu_tests.log"
 fi
-if [[ " $PARTS " == *" bench "* ]]; then
-  echo "== bench gpu ${BENCH_ARGS:-} -> $OUT/bench_gpu.log"
-  # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-  "$PY" -m pretrain bench gpu ${BENCH_ARGS:-} --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
-  bench_rc=$?
-  tail -n 8 "$OUT/bench_gpu.log"
-fi
 
-"$PY" - "$OUT" "$tests_rc" "$bench_rc" <<'PY' | tee "$OUT/summary.md"
-import datetime, json, os, sys
+"$PY" - "$OUT" "$(for p in "${!rc[@]}"; do echo "$p=${rc[$p]}"; done)" <<'PY' | tee "$OUT/summary.md"
+import datetime, json, math, os, sys
 import xml.etree.ElementTree as ET
 
-out, tests_rc, bench_rc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+out, rcs = sys.argv[1], dict(kv.split("=") for kv in sys.argv[2].split())
 env = open(os.path.join(out, "env.txt")).read().strip().splitlines()
 print(f"# GPU check, {datetime.date.today()}\n")
 print("\n".join(f"    {line}" for line in env if line.startswith(("torch ", "gpu "))), "\n")
@@ -61,21 +88,32 @@ if os.path.exists(xml):
     s = ET.parse(xml).getroot()
     s = s if s.tag == "testsuite" else s.find("testsuite")
     n, f, e, k = (int(s.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
-    print(f"pytest -m gpu: {n - f - e - k} passed, {f} failed, {e} errors, {k} skipped (exit {tests_rc})\n")
+    print(f"pytest -m gpu: {n - f - e - k} passed, {f} failed, {e} errors, {k} skipped (exit {rcs.get('tests')})\n")
     for case in s.iter("testcase"):
         for bad in [*case.findall("failure"), *case.findall("error")]:
             first = ((bad.get("message") or "").splitlines() or [""])[0][:200]
             print(f"- FAILED {case.get('name')}: {first}")
-else:
-    print(f"pytest -m gpu: no report (exit {tests_rc}); see gpu_tests.log\n")
-bench = os.path.join(out, "bench_gpu.json")
-print(f"\nbench gpu (exit {bench_rc}):\n")
-if os.path.exists(bench) and bench_rc == 0:
-    print("| benchmark | ours img/s | timm loop img/s | ratio | MFU | goal | met |\n|---|---|---|---|---|---|---|")
-    for r in json.load(open(bench)):
-        print(f"| {r['name']} | {r['ours']:.1f} | {r['baseline']:.1f} | {r['ratio']:.3f} | {r.get('mfu', float('nan')):.3f} "
-              f"| {r.get('goal', '')} | {r.get('met')} |")
-else:
-    print("no results; see bench_gpu.log")
+elif "tests" in rcs:
+    print(f"pytest -m gpu: no report (exit {rcs['tests']}); see gpu_tests.log\n")
+
+
+def num(x, fmt):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+for part, name in (("bench_b", "bench_gpu_b"), ("bench_l", "bench_gpu_l")):
+    if part not in rcs:
+        continue
+    path = os.path.join(out, f"{name}.json")
+    print(f"\nbench gpu, {part} (exit {rcs[part]}; 124: cut at its time limit, the rows below finished):\n")
+    if not os.path.exists(path):
+        print(f"no results; see {name}.log")
+        continue
+    print("| variant | batch | img/s | vs | its img/s | ratio | MFU | MFU ratio | warm-up s | goal | met |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in json.load(open(path)):
+        print(f"| {r['name']} | {r['batch']} | {num(r['ours'], ',.0f')} | {r['baseline_variant'] or '-'} "
+              f"| {num(r['baseline'], ',.0f')} | {num(r['ratio'], '.3f')} | {num(r['mfu'], '.1%')} "
+              f"| {num(r['mfu_ratio'], '.3f')} | {num(r['warmup_s'], '.0f')} | {r['goal']} | {r['met']} |")
 PY
-[ $tests_rc -eq 0 ] && [ $bench_rc -eq 0 ]
+for p in "${!rc[@]}"; do [ "${rc[$p]}" -eq 0 ] || exit 1; done
