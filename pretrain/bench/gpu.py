@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-variants", default=",".join(VARIANTS),
                    help=f"of {','.join(VARIANTS)}; the group (eager or compiled) named first runs first")
     g.add_argument("--gpu-attention", default="",
-                   help=f"also time ours (and ours_compiled if chosen) with model.attention_backend=X, X of {ATTENTION}")
+                   help=f"also time ours (and ours_compiled if chosen) with model.attention_backend=X, "
+                        f"X of {','.join(ATTENTION)}")
     g.add_argument("--gpu-steps", type=int, default=10, help="steps per timed round")
     g.add_argument("--gpu-rounds", type=int, default=5)
     g.add_argument("--gpu-dry-run", action="store_true",
