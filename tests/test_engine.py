@@ -209,16 +209,23 @@ def test_nonfinite_steps_are_skipped_counted_then_stop(shards, tmp_path, monkeyp
         return (loss * float("nan"), metrics) if step in (2, 3) else (loss, metrics)
 
     monkeypatch.setattr(SupervisedTask, "forward", forward)
-    cfg = _cfg(TINY_SUP, shards, tmp_path, "optim.max_steps=6", "checkpoint.every_steps=2")
+    cfg = _cfg(TINY_SUP, shards, tmp_path, "optim.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep=3",
+               "optim.grad_clip=1.0", "deepspeed.zero_stage=0")  # the device-side skip
     result = train(cfg)
     assert result["skipped_steps"] == 2 and result["step"] == 6
     rows = metrics_rows(Path(result["run_dir"]))
     assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 0, 0]
     assert rows[3]["loss"] is None and rows[5]["loss"] is not None
-    # weights stayed finite: the skipped steps made no update
-    sd = torch.load(Path(result["run_dir"]) / "checkpoints/step_00000006/mp_rank_00_model_states.pt",
-                    weights_only=False)["module"]
-    assert all(torch.isfinite(v).all() for v in sd.values())
+    # the skipped steps 3 and 4 made no update: step 4's weights, Adam moments and step counts are step 2's
+    ck = Path(result["run_dir"]) / "checkpoints"
+    two, four = (torch.load(ck / f"step_0000000{s}/mp_rank_00_model_states.pt", weights_only=False)
+                 for s in (2, 4))
+    assert all(torch.equal(two["module"][k], v) for k, v in four["module"].items())
+    for a, b in zip(two["optimizer"]["state"].values(), four["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq")) and int(b["step"]) == 2
+    six = torch.load(ck / "step_00000006/mp_rank_00_model_states.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in six["module"].values())
+    assert all(int(st["step"]) == 4 for st in six["optimizer"]["state"].values())
 
     def always_nan(self, images, targets=None, step=0):
         loss, metrics = orig(self, images, targets, step)
@@ -231,6 +238,14 @@ def test_nonfinite_steps_are_skipped_counted_then_stop(shards, tmp_path, monkeyp
         with pytest.raises(NonFiniteError, match=r"3 consecutive .* step 5: non-finite loss on rank 0 \(nan\); "
                                                  r".*last good checkpoint: .*step_00000004"):
             train(cfg)
+    # logged every 4 steps: the skips (from step 3) are read at step 4, the limit is reached at step 5, and
+    # the run stops at the next logging step, 8, still without an update
+    cfg = _cfg(TINY_SUP, shards, tmp_path, "run.name=window", "optim.max_steps=20", "checkpoint.every_steps=2",
+               "optim.max_nonfinite_steps=3", "logging.every_steps=4", "deepspeed.zero_stage=0")
+    with pytest.raises(NonFiniteError, match=r"6 consecutive .* step 8: non-finite loss on rank 0 \(nan\); "
+                                             r".*last good checkpoint: .*step_00000006"):
+        train(cfg)
+    assert metrics_rows(tmp_path / "window")[4]["skipped_steps"] == 2
 
 
 @pytest.mark.parametrize("path,extra", [
@@ -347,3 +362,39 @@ def test_mae_loss_leaves_padding_out():
     weighted, _, _ = task.forward_loss(x, noise, torch.tensor([0.0, 1.0, 1.0, 0.0]))
     alone, _, _ = task.forward_loss(x[1:3], noise[1:3])
     torch.testing.assert_close(weighted, alone)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts device-to-host reads: `.item()`, `bool()`, `float()` and `.tolist()` of a tensor all end in
+    aten._local_scalar_dense, the call that synchronises a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            import traceback
+
+            self.ops.append("".join(traceback.format_stack(limit=6)[:-1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path,precision", [(TINY_SUP, "fp32"), (TINY_MAE, "bf16")])
+def test_no_host_read_between_logging_steps(shards, tmp_path, path, precision):
+    """ZeRO 0 with grad clipping and accumulation: the steps between two logging steps read nothing back
+    from the device (the non-finite skip, its count and the stop vote stay off the host)."""
+    import threading
+
+    from pretrain import dist as pdist
+    from pretrain.engine.trainer import Trainer
+
+    cfg = _cfg(path, shards, tmp_path, "deepspeed.zero_stage=0", f"deepspeed.precision={precision}",
+               "optim.grad_clip=1.0", "optim.accum_steps=2", "optim.max_steps=10", "logging.every_steps=5",
+               "checkpoint.every_steps=0")
+    trainer = Trainer(cfg, pdist.setup(), threading.Event())
+    trainer.train_steps(1)  # the first step creates the optimizer's state
+    with _HostReads() as reads:
+        trainer.train_steps(3)  # steps 2-4: none a logging step
+    trainer.log.close()
+    assert not reads.ops, f"{len(reads.ops)} host reads in 3 steps, the first from:\n{reads.ops[0]}"

@@ -198,10 +198,10 @@ def stop_worker(config: str, stop_at: int, overrides: list[str]) -> None:
 
 @pytest.mark.slow
 def test_stop_signal_on_one_rank_is_honoured_by_all_at_the_next_check(shards, tmp_path):
-    """run.stop_check_steps=4: a signal seen by rank 0 during step 6 stops both ranks after step 8,
-    the first step both check, with a checkpoint of step 8."""
+    """run.stop_check_steps=4: a signal seen by rank 0 during step 6 enters the vote started after step 8,
+    answered after step 12: both ranks stop there, with a checkpoint of step 12."""
     overrides = [f"data.train_urls={shards}/train.json", f"run.out_dir={tmp_path}", "run.name=stop",
-                 "optim.max_steps=12", "checkpoint.every_steps=0", "run.stop_check_steps=4"]
+                 "optim.max_steps=16", "checkpoint.every_steps=0", "run.stop_check_steps=4"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), __file__, TINY_SUP, "5", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -209,9 +209,9 @@ def test_stop_signal_on_one_rank_is_honoured_by_all_at_the_next_check(shards, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "stop"
     for rank in (0, 1):
-        assert json.loads((run / f"result_rank{rank}.json").read_text()) == {"step": 8, "stopped_early": True}
-    assert (run / "checkpoints/latest").read_text().strip() == "step_00000008"
-    assert max(metrics_rows(run)) == 8
+        assert json.loads((run / f"result_rank{rank}.json").read_text()) == {"step": 12, "stopped_early": True}
+    assert (run / "checkpoints/latest").read_text().strip() == "step_00000012"
+    assert max(metrics_rows(run)) == 12
 
 
 # ------------------------------------------------------------------------------- 3 + 6. half-precision runs

@@ -30,10 +30,11 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; `auto` picks CUDA when present. CPU and GPU share one code path."""
     stop_check_steps: int = 1
-    """Ranks agree on a stop signal (SIGTERM/SIGUSR1) every N optimizer steps, so a signal is honoured
-    (checkpoint, exit 75) within N steps. The check is a CPU all-reduce (0.4 ms at 2 ranks, 1.5 ms at 4
-    on a 2-core CPU box; not yet measured at scale): raise N where it shows in the step time, keeping
-    N steps plus a checkpoint inside the pre-emption grace time. One process checks every step."""
+    """Ranks vote on a stop signal (SIGTERM/SIGUSR1) every N optimizer steps: a non-blocking CPU all-reduce
+    started after the step and answered N steps later, so its network latency hides behind N steps of
+    training and every rank stops after the same step. A signal is honoured (checkpoint, exit 75) within
+    2N steps: keep 2N steps plus a checkpoint inside the pre-emption warning; raise N when a vote takes
+    longer than N steps (thousands of ranks: docs/scaling.md). One process checks every step."""
 
     def check(self) -> None:
         require(self.stop_check_steps >= 1, "run.stop_check_steps", self.stop_check_steps, "must be >= 1")

@@ -74,7 +74,7 @@ def build_ds_config(cfg, world_size: int, precision: Precision, *, load_universa
         "train_micro_batch_size_per_gpu": d.batch_size,
         "gradient_accumulation_steps": o.accum_steps,
         "train_batch_size": d.batch_size * o.accum_steps * world_size,
-        "gradient_clipping": o.grad_clip,
+        "gradient_clipping": 0.0 if clips_in_optimizer(cfg, precision) else o.grad_clip,
         "zero_optimization": zero,
         # bf16 autocast mode: fp32 module under torch.autocast, so DeepSpeed sees fp32; bf16 deepspeed
         # mode: DeepSpeed holds the module in bf16 and an fp32 master copy in its optimizer
@@ -96,38 +96,56 @@ def build_ds_config(cfg, world_size: int, precision: Precision, *, load_universa
     return deep_merge(out, z.extra)
 
 
-def guarded(optimizer_cls):
-    """`optimizer_cls` that skips a step whose gradients are not finite and says so in `.overflow`.
+def clips_in_optimizer(cfg, precision: Precision) -> bool:
+    """Whether our `guarded` optimizer clips the gradients instead of DeepSpeed: at ZeRO 0 with fp32 parameters
+    DeepSpeed's own clip builds its threshold with `torch.tensor([max_norm], device=...)` every step, a
+    host-to-device copy that synchronises the GPU (its bf16 and fp16 optimizers and ZeRO clip on their own)."""
+    return cfg.deepspeed.zero_stage == 0 and not precision.engine_bf16 and precision.name != "fp16"
 
-    DeepSpeed's ZeRO optimizers already skip such steps (their `overflow`); at stage 0 DeepSpeed calls
-    the bare optimizer, so this gives the same behaviour there (DeepSpeed reads `optimizer.overflow`).
+
+def guarded(optimizer_cls):
+    """`optimizer_cls` that skips a step whose gradients are not finite, on the device, and clips to `clip`.
+
+    DeepSpeed's ZeRO optimizers already skip such steps (a host read of the norm each step); at stage 0
+    DeepSpeed calls the bare optimizer. torch's fused AdamW honours `found_inf` as GradScaler sets it: a
+    non-zero value leaves parameters, moments and the step count as they were, so the decision never leaves
+    the device. `found_inf` (1.0 skipped, 0.0 applied) stays readable for the trainer's count. An optimizer
+    without that argument (DeepSpeed's FusedAdam) reads the flag on the host and says so in `.overflow`.
     """
 
     class Guarded(optimizer_cls):
         overflow = False
+        clip = 0.0  # max global gradient norm (0: off)
 
         def step(self, closure=None):
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if grads:
-                norms = torch._foreach_norm(grads)  # one device reduction, one host read per step
-                self._global_grad_norm = torch.linalg.vector_norm(torch.stack(norms))  # DeepSpeed logs it
-                self.overflow = not bool(torch.isfinite(self._global_grad_norm))
-            if self.overflow:
-                return None
+            if not grads:
+                return super().step(closure)
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pre-clip, DeepSpeed logs it
+            self._global_grad_norm = norm
+            self.found_inf = (~torch.isfinite(norm)).float()
+            if self.clip:  # a non-finite norm makes the grads NaN here: found_inf drops the step anyway
+                torch._foreach_mul_(grads, torch.clamp(self.clip / (norm + 1e-6), max=1.0))
+            if not self.defaults.get("fused"):
+                self.overflow = bool(self.found_inf)  # one host read per step
+                if self.overflow:
+                    return None
             return super().step(closure)
 
     Guarded.__name__ = f"Guarded{optimizer_cls.__name__}"
     return Guarded
 
 
-def build_optimizer(cfg, param_groups: list[dict], device: torch.device, *, guard: bool = True):
-    """AdamW. On CUDA by default torch's fused kernel (nothing to compile on the compute nodes);
-    `optim.impl=deepspeed` picks DeepSpeed's FusedAdam (JIT-built with nvcc at first use). With the
-    optimizer offloaded, DeepSpeed requires its CPU Adam (also JIT-built). `guard=False` leaves out the
-    ZeRO-0 non-finite guard (the engine's, not the optimizer's): the benchmarks' plain loops."""
+def build_optimizer(cfg, param_groups: list[dict], device: torch.device, *, clip: float = 0.0,
+                    guard: bool = True):
+    """AdamW. By default torch's fused kernel (CUDA; the CPU too at stage 0, where it skips a non-finite
+    step on the device: `guarded`); `optim.impl=deepspeed` picks DeepSpeed's FusedAdam (JIT-built with nvcc
+    at first use). With the optimizer offloaded, DeepSpeed requires its CPU Adam (also JIT-built).
+    `clip`: the global norm the stage-0 optimizer clips to (`clips_in_optimizer`). `guard=False` leaves out
+    the ZeRO-0 non-finite guard (the engine's, not the optimizer's): the benchmarks' plain loops."""
     o = cfg.optim
     kwargs = dict(lr=0.0, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=1e-8)
-    stage0 = cfg.deepspeed.zero_stage == 0
+    stage0 = cfg.deepspeed.zero_stage == 0 and guard
     if device.type == "cuda" and cfg.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -135,12 +153,15 @@ def build_optimizer(cfg, param_groups: list[dict], device: torch.device, *, guar
     if device.type == "cuda" and o.impl == "deepspeed":
         from deepspeed.ops.adam import FusedAdam
 
-        cls = guarded(FusedAdam) if stage0 and guard else FusedAdam
-        return cls(param_groups, adam_w_mode=True, **kwargs)
-    if device.type == "cuda":
-        kwargs["fused"] = True
-    cls = guarded(torch.optim.AdamW) if stage0 and guard else torch.optim.AdamW
-    return cls(param_groups, **kwargs)
+        if not stage0:
+            return FusedAdam(param_groups, adam_w_mode=True, **kwargs)
+        opt = guarded(FusedAdam)(param_groups, adam_w_mode=True, **kwargs)
+    elif stage0:
+        opt = guarded(torch.optim.AdamW)(param_groups, fused=True, **kwargs)
+    else:
+        return torch.optim.AdamW(param_groups, fused=device.type == "cuda", **kwargs)
+    opt.clip = clip
+    return opt
 
 
 def _skip_shm_comm_build() -> None:
@@ -168,7 +189,8 @@ def initialize(task: torch.nn.Module, cfg, world_size: int, device: torch.device
     groups = task.param_groups(cfg)
     for g in groups:
         g.setdefault("lr_scale", 1.0)
-    optimizer = build_optimizer(cfg, groups, device)
+    optimizer = build_optimizer(cfg, groups, device,
+                                clip=cfg.optim.grad_clip if clips_in_optimizer(cfg, precision) else 0.0)
     ds_config = build_ds_config(cfg, world_size, precision, load_universal=load_universal,
                                 num_params=sum(p.numel() for p in task.parameters()),
                                 hidden=task.encoder.embed_dim)

@@ -131,27 +131,31 @@ class Window:
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
-        self.counted = 0  # steps whose metrics were added (applied steps)
+        self.counted: torch.Tensor | float = 0.0  # applied steps (on the device once a step is added)
         self.steps = 0
-        self.skipped = 0
         self.data_wait = 0.0  # seconds waited for batches
         self.t0 = time.perf_counter()
 
-    def add(self, metrics: dict) -> None:
+    def add(self, metrics: dict, skipped: torch.Tensor) -> None:
+        """One step's metrics; `skipped` (0-dim, on the device) 1.0 leaves them out, without a host read."""
         for k, v in metrics.items():
-            v = v.detach().float()
+            v = torch.where(skipped > 0, 0.0, v.detach().float())
             self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.counted += 1
+        self.counted = self.counted + (1 - skipped)
+        self.steps += 1
 
-    def read(self, world_size: int) -> dict:
-        """Window means, averaged over ranks (a collective: every rank calls it at the same step)."""
-        if not self.sums:  # every step of the window was skipped (on every rank: the skip is global)
-            return {"loss": float("nan")}
+    def read(self, world_size: int, extra: torch.Tensor | None = None) -> tuple[dict, list[float]]:
+        """-> (window means averaged over ranks, `extra` as floats): the window's one host read. The means
+        are a collective (every rank calls it at the same step); a window of skipped steps only gives NaN."""
         keys = sorted(self.sums)
-        values = torch.stack([self.sums[k] for k in keys]).div(self.counted)
-        if world_size > 1:
+        values = torch.stack([self.sums[k] for k in keys]).div(self.counted) if keys else torch.zeros(0)
+        if world_size > 1 and keys:
             import torch.distributed as dist
 
             dist.all_reduce(values)
             values = values / world_size
-        return dict(zip(keys, values.tolist()))
+        n = len(keys)
+        if extra is not None:
+            values = torch.cat([values.to(extra.device), extra.to(values.dtype)])
+        read = values.tolist()
+        return dict(zip(keys, read[:n])), read[n:]

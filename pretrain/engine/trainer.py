@@ -30,7 +30,7 @@ from pretrain.engine.indexes import shared_indexes
 from pretrain.engine.metrics import Console, MetricsLogger, Window, peak_flops
 from pretrain.engine.monitors import Monitors
 from pretrain.engine.schedule import build_schedule, peak_lr
-from pretrain.engine.stopping import stop_requested, stop_signals
+from pretrain.engine.stopping import StopVote, stop_signals
 from pretrain.errors import EXIT_REQUEUE, UserError
 from pretrain.models import num_params, resolve_arch
 from pretrain.tasks import build_task, model_record, task_class
@@ -99,6 +99,7 @@ class Trainer:
         self.ckpt_dir = f"{self.run_dir}/checkpoints"
         # CPU collectives (the stop vote, a skipped step's losses) on a gloo group: no device sync
         self.cpu_group = pdist.cpu_group() if self.world > 1 else None
+        self.vote = StopVote(stop, cfg.run.stop_check_steps, self.world, self.cpu_group)
         self.guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps, self.console, fp16=self.precision.name == "fp16",
                                     world=self.world, group=self.cpu_group)
         self._open_data(stream, task_cls)
@@ -246,6 +247,7 @@ class Trainer:
         self.engine.train()
         while self.step < self.total_steps and not stopped_early:
             stopped_early = self._iteration()
+        self.vote.close()
         self._batch_iter.close()  # an epoch left mid-way shuts its loader's workers down now, not at collection
         self.stream.close()
         if not stopped_early:
@@ -256,7 +258,7 @@ class Trainer:
         if not stopped_early:
             self._say_done()
         return {**self.final, "run_dir": self.run_dir, "step": self.step, "epoch": self.epoch,
-                "samples_seen": self.samples_seen, "skipped_steps": self.guard.total,
+                "samples_seen": self.samples_seen, "skipped_steps": self.guard.pending(),
                 "stopped_early": stopped_early}
 
     def train_steps(self, n: int) -> None:
@@ -279,7 +281,7 @@ class Trainer:
         for is_due, action in due:
             if is_due:
                 action()
-        if stop_requested(self.stop, s, c.run.stop_check_steps, self.world, self.cpu_group):  # checkpoint, end
+        if self.vote(s):  # checkpoint, end
             self._save()
             self.console.info(f"stop signal: checkpointed step {s}; exiting with {EXIT_REQUEUE} (requeue)")
             return True
@@ -298,20 +300,23 @@ class Trainer:
         metrics, loss_sum = None, 0.0
         for micro in range(accum):
             loss, m = self._micro_step(self.step * accum + micro, nan)
-            loss_sum = loss_sum + loss  # on the device; read only if the step is skipped
+            loss_sum = loss_sum + loss  # on the device; read only for a window with a skipped step
             metrics = m if metrics is None else {k: metrics[k] + v for k, v in m.items()}
         self.step += 1
         self.samples_seen += self.effective_batch
         self.faults.check(self.step, "step")
-        if self.engine.was_step_applied():  # a Python bool DeepSpeed already holds: no extra sync
-            self._window.add({k: v / accum for k, v in metrics.items()})
-            self.guard.applied()
-        else:
-            self._window.skipped += 1
-            last_good = f"{self.ckpt_dir}/{self.last_good_tag}" if self.last_good_tag else "none yet"
-            self.guard.skipped(self.engine, loss_sum, self.step, last_good)
-        self._window.steps += 1
+        skipped = self._step_skipped()
+        self._window.add({k: v / accum for k, v in metrics.items()}, skipped)
+        self.guard.record(skipped, loss_sum, self.step)
         self.log.advance()
+
+    def _step_skipped(self) -> torch.Tensor:
+        """1.0 when the step made no update, 0.0 when it did: a 0-dim tensor on the device. At ZeRO 0 the
+        optimizer's own flag (engine/ds.py `guarded`: never read here); above, DeepSpeed's Python bool."""
+        found_inf = getattr(self.engine.optimizer, "found_inf", None)
+        if found_inf is not None:
+            return found_inf
+        return torch.full((), float(not self.engine.was_step_applied()), device=self.device)
 
     def _micro_step(self, index: int, nan: bool) -> tuple[torch.Tensor, dict]:
         """Forward and backward of the next micro-batch, then DeepSpeed's step (it applies the optimizer
@@ -364,7 +369,9 @@ class Trainer:
     def _log_window(self) -> None:
         """One metrics row: the window's means over its steps and the ranks, throughput and MFU."""
         window, self._window = self._window, Window()
-        values = window.read(self.world)  # the one host read of the window's sums (mean over ranks)
+        values, stats = window.read(self.world, self.guard.stats())  # the window's one host read
+        last_good = f"{self.ckpt_dir}/{self.last_good_tag}" if self.last_good_tag else "none yet"
+        skipped = self.guard.check(stats, self.engine, last_good) if stats else 0  # may end the run
         elapsed = max(time.perf_counter() - window.t0, 1e-9)
         images_per_sec = window.steps * self.effective_batch / elapsed
         gn = self.engine.get_global_grad_norm()
@@ -373,7 +380,7 @@ class Trainer:
                "images_per_sec": images_per_sec, "data_wait": window.data_wait / elapsed,
                "flops_per_sec": images_per_sec * self.flops_per_image,
                "mfu": (images_per_sec * self.flops_per_image / (self.peak * self.world)) if self.peak else None,
-               "skipped_steps": window.skipped, "skipped_total": self.guard.total}
+               "skipped_steps": skipped, "skipped_total": self.guard.total}
         bad = self.stream.bad_counts()
         if any(bad.values()):
             row["bad_samples"] = sum(bad.values())
@@ -410,7 +417,7 @@ class Trainer:
         client = {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
                   "total_steps": self.total_steps, "effective_batch": self.effective_batch,
                   "schedule": self.schedule.state_dict(),
-                  "skipped_total": self.guard.total, "config": to_yaml(self.cfg),
+                  "skipped_total": self.guard.pending(), "config": to_yaml(self.cfg),
                   "source_counts": self._source_totals(),
                   "data_state": self.stream.state_dict()}
         self.faults.check(self.step, "save")
