@@ -96,8 +96,16 @@ class ModelConfig:
     masks, and a linear probe's frozen encoder runs in eval mode."""
     grad_checkpointing: bool = False
     """Recompute transformer blocks in backward to save activation memory."""
-    compile: bool = False
-    """torch.compile each transformer block (ZeRO stages 0-2)."""
+    compile: Union[bool, Literal["auto"]] = False
+    """torch.compile each transformer block (ZeRO stages 0-2). `auto`: on for CUDA at ZeRO 0-2, off on the CPU
+    and at ZeRO 3 (an info line says so), resolved once at start and logged in `derived:`. The default stays
+    false until the compiled step is measured faster on a GPU (`bench gpu`); the first compiled steps pay
+    the compile (logged as warm-up), later runs of the same run directory reuse its compile cache."""
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    """SDPA kernel for attention, forward and backward: `auto` keeps torch's choice; the others pin that
+    backend (torch.nn.attention.sdpa_kernel) and fail at the first attention call where it cannot run. On
+    the CPU only `math` and `auto` run: the others are refused at start. The log names the kernel that
+    serves the encoder's (and MAE's decoder's) attention shapes on CUDA."""
 
     def check(self) -> None:
         """Each field's own range; the architecture the fields resolve to is models' to check."""
@@ -411,7 +419,7 @@ def validate(cfg: Config) -> None:
     require(len(cfg.data.mean) == m.in_chans, "data.mean", cfg.data.mean,
             f"must have model.in_chans ({m.in_chans}) values")
     require(len(cfg.data.std) == m.in_chans, "data.std", cfg.data.std, f"must have model.in_chans ({m.in_chans}) values")
-    require(not m.compile or cfg.deepspeed.zero_stage <= 2, "model.compile", True,
+    require(m.compile is not True or cfg.deepspeed.zero_stage <= 2, "model.compile", True,
             "needs deepspeed.zero_stage <= 2 (ZeRO-3 gathers parameters in hooks inside each block)")
     kind = cfg.task.kind
     if kind in ("finetune", "linprobe"):
