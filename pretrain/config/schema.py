@@ -102,10 +102,11 @@ class ModelConfig:
     false until the compiled step is measured faster on a GPU (`bench gpu`); the first compiled steps pay
     the compile (logged as warm-up), later runs of the same run directory reuse its compile cache."""
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
-    """SDPA kernel for attention, forward and backward: `auto` keeps torch's choice; the others pin that
-    backend (torch.nn.attention.sdpa_kernel) and fail at the first attention call where it cannot run. On
-    the CPU only `math` and `auto` run: the others are refused at start. The log names the kernel that
-    serves the encoder's (and MAE's decoder's) attention shapes on CUDA."""
+    """SDPA kernel for attention: `auto` keeps torch's choice; the others pin that backend around the forward
+    (torch.nn.attention.sdpa_kernel; the backward follows the forward's kernel). A pinned backend is tried at
+    start on the model's attention shapes and dtype, and refused (exit 2) where it cannot run: on the CPU
+    `efficient` and `cudnn`. On CUDA the log names the kernel serving the encoder's (and MAE's decoder's)
+    attention."""
 
     def check(self) -> None:
         """Each field's own range; the architecture the fields resolve to is models' to check."""

@@ -27,6 +27,8 @@ class Prefetcher:
         self._at: dict | None = None  # the stream's position as of the batches handed out, while one is staged
 
     def __getattr__(self, name: str) -> Any:  # num_samples, batches_per_epoch, load_state_dict, close, ...
+        if name == "inner":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def state_dict(self) -> dict:
