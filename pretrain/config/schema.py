@@ -97,8 +97,17 @@ class ModelConfig:
     masks, and a linear probe's frozen encoder runs in eval mode."""
     grad_checkpointing: bool = False
     """Recompute transformer blocks in backward to save activation memory."""
-    compile: bool = False
-    """torch.compile each transformer block (ZeRO stages 0-2)."""
+    compile: Union[bool, Literal["auto"]] = False
+    """torch.compile each transformer block (ZeRO stages 0-2). `auto`: on for CUDA at ZeRO 0-2, off on the CPU
+    and at ZeRO 3 (an info line says so), resolved once at start and logged in `derived:`. The default stays
+    false until the compiled step is measured faster on a GPU (`bench gpu`); the first compiled steps pay
+    the compile (logged as warm-up), later runs of the same run directory reuse its compile cache."""
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    """SDPA kernel for attention: `auto` keeps torch's choice; the others pin that backend around the forward
+    (torch.nn.attention.sdpa_kernel; the backward follows the forward's kernel). A pinned backend is tried at
+    start on the model's attention shapes and dtype, and refused (exit 2) where it cannot run: on the CPU
+    `efficient` and `cudnn`. On CUDA the log names the kernel serving the encoder's (and MAE's decoder's)
+    attention."""
 
     def check(self) -> None:
         """Each field's own range; the architecture the fields resolve to is models' to check."""
@@ -412,7 +421,7 @@ def validate(cfg: Config) -> None:
     require(len(cfg.data.mean) == m.in_chans, "data.mean", cfg.data.mean,
             f"must have model.in_chans ({m.in_chans}) values")
     require(len(cfg.data.std) == m.in_chans, "data.std", cfg.data.std, f"must have model.in_chans ({m.in_chans}) values")
-    require(not m.compile or cfg.deepspeed.zero_stage <= 2, "model.compile", True,
+    require(m.compile is not True or cfg.deepspeed.zero_stage <= 2, "model.compile", True,
             "needs deepspeed.zero_stage <= 2 (ZeRO-3 gathers parameters in hooks inside each block)")
     kind = cfg.task.kind
     if kind in ("finetune", "linprobe"):

@@ -174,8 +174,9 @@ def _skip_shm_comm_build() -> None:
 
 
 def initialize(task: torch.nn.Module, cfg, world_size: int, device: torch.device, precision: Precision,
-               *, load_universal: bool = False):
-    """-> (engine, ds_config). The engine wraps the Task; its module state dict holds `encoder.*`."""
+               *, load_universal: bool = False, compile: bool = False):
+    """-> (engine, ds_config). The engine wraps the Task; its module state dict holds `encoder.*`. `compile`:
+    model.compile as resolved for the device (engine/kernels.py `resolve_compile`)."""
     import deepspeed
 
     _skip_shm_comm_build()
@@ -194,24 +195,25 @@ def initialize(task: torch.nn.Module, cfg, world_size: int, device: torch.device
     ds_config = build_ds_config(cfg, world_size, precision, load_universal=load_universal,
                                 num_params=sum(p.numel() for p in task.parameters()),
                                 hidden=task.encoder.embed_dim)
-    if cfg.model.compile:
+    if compile:
         compile_blocks(task)
     engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
     return engine, ds_config
 
 
-def compile_blocks(task: torch.nn.Module) -> list[str]:
+def compile_blocks(task: torch.nn.Module, **options) -> list[str]:
     """torch.compile each transformer block in place (as DINOv3 does) -> the compiled blocks' names.
 
     Per block rather than the whole Task: what lies between blocks (MAE's CPU-generated mask noise, the
     EMA update with its per-step Python int, DeepSpeed's hooks) stays eager instead of breaking graphs or
     recompiling, every block of one shape shares one graph, and parameter names do not change (checkpoints
-    and export are unaffected). The EMA copy is never trained, so it is left alone.
+    and export are unaffected). The EMA copy is never trained, so it is left alone. `options`: torch.compile's
+    (tests pass a cheap backend).
     """
     names = []
     for name, module in task.named_modules():
         if name.rsplit(".", 1)[-1] in ("blocks", "decoder_blocks") and not name.startswith("ema."):
             for i, blk in enumerate(module):
-                blk.compile()
+                blk.compile(**options)
                 names.append(f"{name}.{i}")
     return names

@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 from pretrain.engine.ds import autocast
+from pretrain.engine.kernels import eager
 
 
 class Monitors:
@@ -70,13 +71,14 @@ class Monitors:
 
     @contextlib.contextmanager
     def _outside_training(self):
-        """Eval mode, and under ZeRO-3 every parameter gathered; back to training mode after."""
+        """Eval mode, compiled blocks run eagerly (the training graphs stay as they are: kernels.eager), and under
+        ZeRO-3 every parameter gathered; back to training mode after."""
         self.engine.eval()
         gathered = contextlib.nullcontext()
         if self.zero3:
             import deepspeed
 
             gathered = deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
-        with gathered:
+        with gathered, eager():
             yield
         self.engine.train()

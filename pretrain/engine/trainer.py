@@ -27,8 +27,10 @@ from pretrain.engine.ds import autocast, initialize, resolve_precision
 from pretrain.engine.faults import Faults
 from pretrain.engine.guard import NonFiniteError, NonFiniteGuard
 from pretrain.engine.indexes import shared_indexes
+from pretrain.engine.kernels import WarmupClock, check_attention, compile_cache_env, pin_attention, resolve_compile
 from pretrain.engine.metrics import Console, MetricsLogger, Window, peak_flops
 from pretrain.engine.monitors import Monitors
+from pretrain.engine.prefetch import Prefetcher
 from pretrain.engine.schedule import build_schedule, peak_lr
 from pretrain.engine.stopping import StopVote, stop_signals
 from pretrain.errors import EXIT_REQUEUE, UserError
@@ -115,13 +117,18 @@ class Trainer:
 
         cfg = self.cfg
         self.indexes = shared_indexes(cfg, train=stream is None)  # rank 0 reads them, the others receive
-        self.stream = stream if stream is not None else build_train_stream(
+        stream = stream if stream is not None else build_train_stream(
             cfg.data, self.rank, self.world, img_size=resolve_arch(cfg.model)["img_size"], augment=task_cls.augment,
             seed=cfg.run.seed, accum=cfg.optim.accum_steps, labels=task_cls.needs_labels, index=self.indexes["train"])
+        # the next micro-batch is staged on the device while the current one trains (engine/prefetch.py); the
+        # stream's position it reports is that of the batches trained on
+        self.stream = Prefetcher(stream, self._stage, self.device)
         self.num_classes = 0
         if task_cls.needs_labels:
             self.num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else self.stream.num_classes
-        self._batch_iter = self._batches()  # starts at the first step (after a resume has set the epoch)
+        # starts at the first step (after a resume has set the epoch and the plan)
+        self._batch_iter = self.stream.iterate(
+            self._batches(), wanted=lambda: (self.total_steps - self.step) * cfg.optim.accum_steps)
 
     def _plan_steps(self) -> None:
         """Optimizer steps per epoch and in all, the effective batch and the lr schedule, derived once."""
@@ -147,8 +154,9 @@ class Trainer:
             self._write_run_files()
         points, fallback = ckpt.resume_points(cfg.checkpoint.resume, self.ckpt_dir, warn=self.console.warn)
         universal = bool(points) and points[0].needs_universal(self.world)
+        self._choose_kernels()
         self.engine, self.ds_config = initialize(self.task, cfg, self.world, self.device, self.precision,
-                                                 load_universal=universal)
+                                                 load_universal=universal, compile=self.compiled)
         self.module = self.engine.module
         self.zero3 = self.engine.zero_optimization_stage() == 3
         self.mixup = self._build_mixup() if task_cls.needs_labels else None
@@ -158,6 +166,25 @@ class Trainer:
         if points:
             self._load(*ckpt.load_resume(self.engine, points, fallback, rank=self.rank, world_size=self.world,
                                         universal=universal, warn=self.console.warn))
+        self._warmup = WarmupClock(cfg.optim.accum_steps, self.step, self.console.info if self.compiled else None)
+
+    def _choose_kernels(self) -> None:
+        """model.compile resolved for this device and ZeRO stage (its cache in the run directory), and
+        model.attention_backend pinned on the Task and checked on the attention's real shapes; on CUDA the
+        SDPA backend serving each attention is said once (`self.attention`, in the derived values)."""
+        cfg = self.cfg
+        self.compiled = resolve_compile(cfg.model.compile, self.device, cfg.deepspeed.zero_stage, self.console.info)
+        if self.compiled:
+            for k, v in compile_cache_env(self.run_dir).items():
+                self.console.info(f"model.compile: {k}={v} (kept across requeues of this run)")
+        setting = cfg.model.attention_backend
+        pin_attention(self.task, setting)
+        self.attention = setting
+        if setting != "auto" or self.device.type == "cuda":
+            served = check_attention(setting, self.task, self.precision.autocast or self.precision.input_dtype,
+                                     self.device)
+            self.attention = " ".join(f"{where}={b}" for where, b in served.items())
+            self.console.info(f"attention: SDPA backend {self.attention} (model.attention_backend={setting})")
 
     def _write_run_files(self) -> None:
         fs, root = fsspec.core.url_to_fs(self.run_dir)
@@ -231,6 +258,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch, "samples_per_epoch": self.stream.num_samples,
             "num_classes": self.num_classes, "params": num_params(self.module),
             "train_flops_per_image": self.flops_per_image, "start_step": self.step,
+            "compile": self.compiled, "attention": self.attention,
         }
         self.derived = derived
         if self.rank == 0:
@@ -321,16 +349,16 @@ class Trainer:
     def _micro_step(self, index: int, nan: bool) -> tuple[torch.Tensor, dict]:
         """Forward and backward of the next micro-batch, then DeepSpeed's step (it applies the optimizer
         at the step's last). `index`: the global micro-batch index. -> (loss, detached; metrics)."""
+        self._warmup.micro(index)
         t0 = time.perf_counter()
-        images, labels, weight, real = next(self._batch_iter)
+        self.epoch, (images, labels, weight, real, mine) = next(self._batch_iter)
         self._window.data_wait += time.perf_counter() - t0
         # every draw of this micro-step (Mixup/CutMix, drop path, ...) from a place-keyed state
         rng.seed_all(self.cfg.run.seed, rng.STEP, index, self.rank)
         x, y = self._prepare(images, labels)
-        args, mine = (x, y, index), len(images)
+        args = (x, y, index)
         if weight is not None:  # padding in a ragged step: the task averages its loss over weight 1
-            mine = float(weight.sum())  # on the host, before the copy: no device sync
-            args += (weight.to(self.device, non_blocking=True),)
+            args += (weight,)
         with autocast(self.precision, self.device):
             loss, metrics = self.engine(*args)
         if real is not None:
@@ -344,24 +372,34 @@ class Trainer:
         return loss.detach(), metrics
 
     def _batches(self):
-        """Endless micro-batches from the stream's current position. Each epoch yields a whole number
-        of optimizer steps (the stream plans whole steps per epoch)."""
+        """Endless (epoch, host micro-batch) from the stream's current position. Each epoch yields a whole
+        number of optimizer steps (the stream plans whole steps per epoch)."""
+        epoch = self.epoch
         while True:
-            yield from self.stream.iter_epoch_weighted(self.epoch)
-            self.epoch += 1
+            for batch in self.stream.inner.iter_epoch_weighted(epoch):
+                yield epoch, batch
+            epoch += 1
 
-    def _prepare(self, images: torch.Tensor, labels: torch.Tensor):
-        """-> (normalised images in the module's dtype, targets: None when the Task needs no labels,
-        else class indices or Mixup/CutMix's soft targets)."""
+    def _stage(self, images: torch.Tensor, labels: torch.Tensor, weight, real):
+        """A host micro-batch on the device (on the prefetcher's side stream: device work only) -> (normalised
+        images in the module's dtype, labels or None, weight or None, the step's real samples or None, this
+        batch's samples: its weight's sum in a ragged step, read on the host before the copy)."""
         from pretrain.data import normalize
 
         d = self.cfg.data
+        mine = len(images) if weight is None else float(weight.sum())
         images = normalize(images.to(self.device, non_blocking=True), d.mean, d.std).to(self.precision.input_dtype)
+        labels = labels.to(self.device, non_blocking=True) if self.module.needs_labels else None
+        weight = weight.to(self.device, non_blocking=True) if weight is not None else None
+        return images, labels, weight, real, mine
+
+    def _prepare(self, images: torch.Tensor, labels: torch.Tensor | None):
+        """Staged images and labels -> (images, targets: None when the Task needs no labels, else class
+        indices or Mixup/CutMix's soft targets)."""
         if self.fixed_images is None:  # the pictures' images: rank's first batch, before Mixup/CutMix
             self.fixed_images = images[:4].detach().float().clone()
         if not self.module.needs_labels:
             return images, None
-        labels = labels.to(self.device, non_blocking=True)
         if self.mixup is not None:
             images, labels = self.mixup(images, labels)
         return images, labels
