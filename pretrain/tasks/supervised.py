@@ -18,9 +18,9 @@ def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def check_classes(cfg, num_classes: int) -> None:
     """A classifier needs classes: model.num_classes, or the class names of the training shards' index."""
     if num_classes <= 0:
+        urls = cfg.data.train_urls or [src.train_urls for src in cfg.data.sources]
         raise UserError(f"task.kind={cfg.task.kind} needs classes but the training shard index names none "
-                        f"({cfg.data.train_urls or [src.train_urls for src in cfg.data.sources]!r}); set model.num_classes "
-                        "or write shards with labels")
+                        f"({urls!r}); set model.num_classes or write shards with labels")
 
 
 class SupervisedTask(Task, torch.nn.Module):
