@@ -72,6 +72,9 @@ def test_optimizer_is_torch_adamw_fused_on_cuda_without_deepspeed_ops():
     assert isinstance(stage0, torch.optim.AdamW) and stage0.defaults["fused"] and hasattr(stage0, "overflow")
     cpu = build_optimizer(cfg, _groups(), torch.device("cpu"))
     assert type(cpu) is torch.optim.AdamW and not cpu.defaults["fused"]
+    # a plain loop's optimizer (the benchmarks' baseline) at stage 0: the same fused kernel as ours, unguarded
+    plain = build_optimizer(load_config(None, ["deepspeed.zero_stage=0"]), _groups(), torch.device("cpu"), guard=False)
+    assert type(plain) is torch.optim.AdamW and plain.defaults["fused"]
 
 
 def test_optim_impl_is_checked():

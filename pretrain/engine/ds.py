@@ -145,7 +145,7 @@ def build_optimizer(cfg, param_groups: list[dict], device: torch.device, *, clip
     the ZeRO-0 non-finite guard (the engine's, not the optimizer's): the benchmarks' plain loops."""
     o = cfg.optim
     kwargs = dict(lr=0.0, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=1e-8)
-    stage0 = cfg.deepspeed.zero_stage == 0 and guard
+    stage0 = cfg.deepspeed.zero_stage == 0
     if device.type == "cuda" and cfg.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -153,13 +153,12 @@ def build_optimizer(cfg, param_groups: list[dict], device: torch.device, *, clip
     if device.type == "cuda" and o.impl == "deepspeed":
         from deepspeed.ops.adam import FusedAdam
 
-        if not stage0:
-            return FusedAdam(param_groups, adam_w_mode=True, **kwargs)
-        opt = guarded(FusedAdam)(param_groups, adam_w_mode=True, **kwargs)
-    elif stage0:
-        opt = guarded(torch.optim.AdamW)(param_groups, fused=True, **kwargs)
-    else:
-        return torch.optim.AdamW(param_groups, fused=device.type == "cuda", **kwargs)
+        cls, kwargs = FusedAdam, dict(kwargs, adam_w_mode=True)
+    else:  # fused on the CPU too at stage 0 (the kernel the guard's device-side skip needs; a plain loop alike)
+        cls, kwargs = torch.optim.AdamW, dict(kwargs, fused=device.type == "cuda" or stage0)
+    if not (stage0 and guard):
+        return cls(param_groups, **kwargs)
+    opt = guarded(cls)(param_groups, **kwargs)
     opt.clip = clip
     return opt
 
