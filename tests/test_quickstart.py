@@ -15,7 +15,7 @@ from pretrain.data.writer import write_shards
 from pretrain.quickstart import LABELS, STAGES, labelled_subset, quickstart, table
 
 STAGE_NAMES = ("mae", "finetune", "linprobe", "scratch")
-RUN_NAMES = (*STAGE_NAMES, "finetune_all")  # the last: every label, beside the labelled subset
+RUN_NAMES = (*STAGE_NAMES, "finetune_all", "scratch_all")  # the last two: every label, beside the labelled subset
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,9 @@ def test_quickstart_small(small_run):
         assert meta["img_size"] == 16 and meta["patch_size"] == 4 and meta["timm_kwargs"]["embed_dim"] == 128
         assert meta["num_classes"] == (0 if name == "mae" else 10)
         assert sorted(metrics_rows(out / "runs" / name)) == list(range(1, 7))  # --small logs every step
-        # MAE and the all-label fine-tune see every training digit; fine-tune, probe and baseline the labelled ones
+        # MAE and the all-label runs see every training digit; fine-tune, probe and baseline the labelled ones
         derived = json.loads((out / "runs" / name / "derived.json").read_text())
-        assert derived["samples_per_epoch"] == (1438 if name in ("mae", "finetune_all") else LABELS)
+        assert derived["samples_per_epoch"] == (1438 if name in ("mae", "finetune_all", "scratch_all") else LABELS)
     assert (out / "results.md").read_text().startswith(f"held-out: 359 digits never seen in training "
                                                        f"(train: 1438, {LABELS} of them labelled)")
 
