@@ -1,10 +1,13 @@
 """`vit-pretrain quickstart`: the main job end to end on real data that ships with the package.
 
 scikit-learn's handwritten digits (1,797 images, 10 classes) -> shards with a fixed held-out split ->
-MAE pretraining of a small ViT -> export (checked against timm) -> fine-tune and linear probe from the
-export -> the same ViT trained from scratch with the fine-tune's budget -> every model evaluated on the
+MAE pretraining of a small ViT on every training digit, labels unused -> export (checked against timm) ->
+fine-tune and linear probe from the export on the first `--labels` training digits (128 by default: MAE
+pays most where labels are few) -> the same ViT trained from scratch on them with the fine-tune's budget
+-> the fine-tune and the baseline again with every training label -> every model evaluated on the
 held-out split through its exported file in plain timm -> one table (accuracy, time) and report.png
 (loss curves, MAE reconstructions, the fine-tuned model's attention; pretrain/viz/report.py).
+The recipe below was chosen on a validation split carved from the training digits (docs/finetune.md).
 `--seeds N` repeats the trainings with run.seed=0..N-1 and reports mean ± std over them.
 Every stage goes through the same entry points a user calls (`write_shards`, `train`, `export`,
 `evaluate`), on one process; the stage configs below are the embedded default.
@@ -21,8 +24,9 @@ import fsspec
 
 from pretrain.errors import UserError
 
-# The model: a 128-wide, 4-block ViT at 32 px with 4-px patches (the 8x8 digits upsampled 4x).
-MODEL = ["model.arch=vit_micro_patch4_32"]
+# The model: a 128-wide, 4-block ViT with 4-px patches at 16 px: the 8x8 digits upsampled 2x, 16 patches of
+# 2x2 digit pixels each (at 32 px, 64 patches of one digit pixel each cost 3.4x the time per image on the CPU).
+MODEL = ["model.arch=vit_micro_patch4_32", "model.img_size=16"]
 # Shared by every stage: digits are not mirror-symmetric, so no flips; strokes reach the image border,
 # so evaluation sees the whole image (no centre crop).
 # One process has nothing to partition: ZeRO stage 0 (DeepSpeed's engine without sharding); stage 1's
@@ -37,7 +41,7 @@ STAGES = {
             "data.crop_scale=[0.5,1.0]", "data.batch_size=128", "optim.lr_per_256=1.5e-3",
             "optim.betas=[0.9,0.95]", "optim.weight_decay=0.05", "optim.warmup_epochs=3"],
     # MAE fine-tune recipe: average pooling, layer decay, drop path, label smoothing; light crops and no
-    # RandAugment (8x8 digits upsampled 4x: heavy crops cut strokes off)
+    # RandAugment (8x8 digits upsampled 2x: heavy crops cut strokes off); lr scanned on the validation split
     "finetune": ["task.kind=finetune", "model.global_pool=avg", "model.pos_embed=sincos",
                  "model.drop_path_rate=0.05", "finetune.layer_decay=0.85", "task.label_smoothing=0.1",
                  "data.crop_scale=[0.8,1.0]", "data.batch_size=32", "optim.lr_per_256=5e-3",
@@ -46,28 +50,35 @@ STAGES = {
     "linprobe": ["task.kind=linprobe", "model.pos_embed=sincos", "task.label_smoothing=0.0",
                  "data.crop_scale=[0.8,1.0]", "data.batch_size=128", "optim.lr_per_256=2e-2",
                  "optim.weight_decay=0.0", "optim.warmup_epochs=1"],
-    # the baseline: the same ViT, the fine-tune's recipe and budget, random init
+    # the baseline: the same ViT, the fine-tune's recipe and budget, random init; its own lr scan on the
+    # validation split chose the fine-tune's value too
     "scratch": ["task.kind=supervised", "model.global_pool=avg", "model.drop_path_rate=0.05",
                 "task.label_smoothing=0.1", "data.crop_scale=[0.8,1.0]", "data.batch_size=32",
                 "optim.lr_per_256=5e-3", "optim.weight_decay=0.05", "optim.warmup_epochs=3"],
 }
-EPOCHS = {"mae": 20, "finetune": 25, "linprobe": 10}
+# "finetune": on the labelled subset; "finetune_all": on every training label (a second fine-tune from the same
+# export). The from-scratch baselines ("scratch", "scratch_all") take their fine-tune's epochs.
+EPOCHS = {"mae": 200, "finetune": 100, "linprobe": 100, "finetune_all": 60}
+LABELS = 128  # --labels: the labelled training digits fine-tune, probe and from-scratch train on (0: all of them)
+SHARD_SAMPLES = 32  # digits per shard: a labelled subset is whole shards
 SMALL_STEPS = 6  # --small: optimizer steps per stage, for the test suite (a smoke test, not a result)
 
 
 def _stage_config(stage: str, root: str, shards: str, epochs: float, workers: int, extra: list[str], *,
-                  init_from: str = "", seed: int | None = None):
+                  init_from: str = "", seed: int | None = None, name: str = "", train_urls: str = ""):
     """A stage's Config. The values this run sets (its folders, shards, workers, epochs, the export it starts
-    from, the seed) are written as YAML to root/configs/<stage>.yaml and loaded as the base under the recipe
+    from, the seed) are written as YAML to root/configs/<name>.yaml and loaded as the base under the recipe
     above and the user's overrides (which win): they travel as data, never as `key=value` text parsed again
-    (a '#' or ': ' in --out would change them), and the whole is validated."""
+    (a '#' or ': ' in --out would change them), and the whole is validated. `name`: the run's name (default:
+    the stage's); `train_urls`: its training index (default: every training digit)."""
     import yaml
 
     from pretrain.config import load_config
     from pretrain.fs import is_local
 
-    values: dict = {"run": {"name": stage, "out_dir": f"{root}/runs"}, "optim": {"epochs": epochs},
-                    "data": {"train_urls": f"{shards}/train.json", "val_urls": f"{shards}/val.json",
+    name = name or stage
+    values: dict = {"run": {"name": name, "out_dir": f"{root}/runs"}, "optim": {"epochs": epochs},
+                    "data": {"train_urls": train_urls or f"{shards}/train.json", "val_urls": f"{shards}/val.json",
                              "workers": workers}}
     if seed is not None:
         values["run"]["seed"] = seed
@@ -76,10 +87,29 @@ def _stage_config(stage: str, root: str, shards: str, epochs: float, workers: in
     fs, folder = fsspec.core.url_to_fs(f"{root}/configs")
     if is_local(fs):  # object stores have no folders
         fs.makedirs(folder, exist_ok=True)
-    path = f"{root}/configs/{stage}.yaml"
+    path = f"{root}/configs/{name}.yaml"
     with fsspec.open(path, "w") as f:
         yaml.safe_dump(values, f, sort_keys=False)
     return load_config(path, [*MODEL, *COMMON, *STAGES[stage], *extra])
+
+
+def labelled_subset(shards: str, labels: int) -> str:
+    """An index of the first `labels` training digits (whole shards of the shuffled training split, so a random
+    subset; the shards are shared, nothing is copied); -> its URL, shards/train_<labels>labels.json."""
+    with fsspec.open(f"{shards}/train.json") as f:
+        meta = json.load(f)
+    counts, total = meta["counts"], meta["num_samples"]
+    ends = [sum(counts[:k + 1]) for k in range(len(counts))]
+    if labels not in ends:
+        raise UserError(f"--labels {labels}: must be a multiple of {SHARD_SAMPLES} (the digits per shard) up to "
+                        f"{total}, or 0 for every training label")
+    k = ends.index(labels) + 1
+    sub = {**meta, "split": f"train_{labels}labels", "shards": meta["shards"][:k], "counts": counts[:k],
+           "bytes": meta["bytes"][:k], "num_samples": labels}
+    url = f"{shards}/train_{labels}labels.json"
+    with fsspec.open(url, "w") as f:
+        json.dump(sub, f, indent=1)
+    return url
 
 
 def _fresh(url: str) -> None:
@@ -98,25 +128,21 @@ def held_out(weights: str, shards: str, workers: int) -> dict:
     return evaluate(build_timm(meta, state), stream, "cpu", mean=stream.data.mean, std=stream.data.std)
 
 
-def knn_of(weights: str, shards: str, workers: int, k: int = 20, temperature: float = 0.07) -> float:
-    """Weighted k-NN top-1 of an exported encoder's features (train split as memory, held-out queries)."""
+def knn_of(weights: str, shards: str, workers: int, k: int = 20, temperature: float = 0.07, memory: str = "") -> float:
+    """Weighted k-NN top-1 of an exported encoder's features (`memory`, default the train split, as the memory;
+    held-out queries)."""
     from pretrain.evaluation.evaluate import eval_stream
     from pretrain.evaluation.knn import knn_top1
     from pretrain.weights import build_timm, load_exported
 
     state, meta = load_exported(weights)
-    train = eval_stream(f"{shards}/train.json", meta, batch_size=256, workers=workers)
+    train = eval_stream(memory or f"{shards}/train.json", meta, batch_size=256, workers=workers)
     val = eval_stream(f"{shards}/val.json", meta, batch_size=256, workers=workers)
     return knn_top1(build_timm(meta, state), train, val, k, temperature, "cpu", mean=val.data.mean, std=val.data.std)
 
 
-# the table's rows the fine-tune gain is computed from
-MAE_ROW, FINETUNE_ROW, SCRATCH_ROW = ("MAE pretrain (encoder, k-NN k=20)", "MAE -> fine-tune",
-                                      "from scratch (same budget as fine-tune)")
-
-
 def quickstart(out: str, *, small: bool = False, workers: int = 1, epochs: dict | None = None,
-               extra: list[str] | None = None, seeds: int = 1, log=print) -> dict:
+               extra: list[str] | None = None, seeds: int = 1, labels: int = LABELS, log=print) -> dict:
     """Write the shards once, run every stage for each seed, draw the report from the first;
     -> {"rows": [...] (mean over seeds), "per_seed": [...], "fine_tune_gain": ..., "report": ..., ...}."""
     from pretrain.data.writer import write_shards
@@ -126,8 +152,14 @@ def quickstart(out: str, *, small: bool = False, workers: int = 1, epochs: dict 
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     if seeds > 1 and any(o.startswith("run.seed=") for o in extra):
         raise UserError("--seeds sets run.seed to 0..N-1 in every stage: drop the run.seed override, or use --seeds 1")
-    ep = dict(EPOCHS, **(epochs or {}))
-    ep["scratch"] = ep["finetune"]  # the baseline gets the fine-tune's budget
+    if labels < 0 or labels % SHARD_SAMPLES:
+        raise UserError(f"--labels {labels}: must be a multiple of {SHARD_SAMPLES} (the digits per shard), "
+                        "or 0 for every training label")
+    epochs = epochs or {}
+    ep = dict(EPOCHS, **epochs)
+    if not labels:  # one fine-tune, on every label: the all-label budget unless one is given
+        ep["finetune"] = epochs.get("finetune", ep["finetune_all"])
+    ep["scratch"], ep["scratch_all"] = ep["finetune"], ep["finetune_all"]  # the baselines get their fine-tune's budget
     if small:
         # every step logged, so the report's loss curves have a line to draw
         extra = [f"optim.max_steps={SMALL_STEPS}", "optim.warmup_epochs=0", "optim.warmup_steps=2",
@@ -137,22 +169,25 @@ def quickstart(out: str, *, small: bool = False, workers: int = 1, epochs: dict 
 
     t0 = time.perf_counter()
     _fresh(shards)
-    res = write_shards("digits", shards, samples_per_shard=256, val_fraction=0.2, seed=0)
+    res = write_shards("digits", shards, samples_per_shard=SHARD_SAMPLES, val_fraction=0.2, seed=0)
     n_train, n_val = res["splits"]["train"]["num_samples"], res["splits"]["val"]["num_samples"]
-    log(f"[quickstart] shards: {n_train} train / {n_val} held-out digits in {time.perf_counter() - t0:.1f}s")
+    labelled = labelled_subset(shards, labels) if labels else ""
+    log(f"[quickstart] shards: {n_train} train / {n_val} held-out digits in {time.perf_counter() - t0:.1f}s"
+        + (f"; {labels} of the training digits labelled" if labels else ""))
 
     per_seed = []
     for seed in range(seeds):
         # one seed keeps the plain layout (runs/, export/ in --out) and the user's own run.seed, if any
         root, run_seed = (out, None) if seeds == 1 else (f"{out}/seed{seed}", seed)
-        per_seed.append(_one_seed(root, shards, ep, workers, small, extra, log, run_seed))
+        per_seed.append(_one_seed(root, shards, labelled, ep, workers, small, extra, log, run_seed))
 
     first = out if seeds == 1 else f"{out}/seed0"
     t0 = time.perf_counter()
     report = _report(out, first, shards, small, seeds)
     log(f"[quickstart] report in {time.perf_counter() - t0:.1f}s -> {report}")
     result = {**summarize(per_seed), "per_seed": per_seed, "seeds": seeds, "total_s": time.perf_counter() - t_start,
-              "n_train": n_train, "n_val": n_val, "epochs": ep, "small": small, "report": report}
+              "n_train": n_train, "n_val": n_val, "labels": labels or n_train, "epochs": ep, "small": small,
+              "report": report}
     with fsspec.open(f"{out}/results.json", "w") as f:
         json.dump(result, f, indent=2)
     with fsspec.open(f"{out}/results.md", "w") as f:
@@ -160,38 +195,51 @@ def quickstart(out: str, *, small: bool = False, workers: int = 1, epochs: dict 
     return result
 
 
-def _one_seed(root: str, shards: str, ep: dict, workers: int, small: bool, extra: list[str], log,
+def _one_seed(root: str, shards: str, labelled: str, ep: dict, workers: int, small: bool, extra: list[str], log,
               run_seed: int | None = None) -> dict:
-    """The four trainings (runs in root/runs, exports in root/export) and their held-out scores;
-    -> {"seed", "rows", "fine_tune_gain"}. `run_seed`: --seeds' seed (None: the config's)."""
+    """The trainings (runs in root/runs, exports in root/export) and their held-out scores;
+    -> {"seed", "rows", "fine_tune_gain"}. `labelled`: the labelled subset's index ("": every label);
+    `run_seed`: --seeds' seed (None: the config's)."""
     from pretrain.export import export
     from pretrain.engine.trainer import train
 
     rows: list[dict] = []
-    budget: dict[str, str] = {}
     seed = run_seed if run_seed is not None else _stage_config("mae", root, shards, ep["mae"], workers, extra).run.seed
+    some = f"{_num_samples(labelled)} labels" if labelled else "all labels"
 
-    def run_stage(stage: str, init_from: str = "") -> tuple[str, float]:
-        _fresh(f"{root}/runs/{stage}")
-        cfg = _stage_config(stage, root, shards, ep[stage], workers, extra, init_from=init_from, seed=run_seed)
+    def run_stage(name: str, stage: str, train_urls: str = "", init_from: str = "") -> tuple[str, float, str]:
+        _fresh(f"{root}/runs/{name}")
+        cfg = _stage_config(stage, root, shards, ep[name], workers, extra, init_from=init_from, seed=run_seed,
+                            name=name, train_urls=train_urls)
         t = time.perf_counter()
         done = train(cfg)
         seconds = time.perf_counter() - t
-        budget[stage] = f"{done['step']} steps" if small else f"{ep[stage]:g}"
-        weights = export(f"{root}/runs/{stage}", out=f"{root}/export/{stage}.safetensors")["weights"]
-        log(f"[quickstart] {stage} (seed {seed}): {done['step']} steps in {seconds:.0f}s -> {weights}")
-        return weights, seconds
+        weights = export(f"{root}/runs/{name}", out=f"{root}/export/{name}.safetensors")["weights"]
+        log(f"[quickstart] {name} (seed {seed}): {done['step']} steps in {seconds:.0f}s -> {weights}")
+        return weights, seconds, f"{done['step']} steps" if small else f"{ep[name]:g}"
 
-    mae_w, mae_s = run_stage("mae")
-    knn = knn_of(mae_w, shards, workers)
-    rows.append({"model": MAE_ROW, "epochs": budget["mae"], "top1": knn, "top5": None, "train_s": mae_s})
-    for stage, label in (("finetune", FINETUNE_ROW), ("linprobe", "MAE -> linear probe"), ("scratch", SCRATCH_ROW)):
-        w, s = run_stage(stage, mae_w if stage in ("finetune", "linprobe") else "")
+    mae_w, mae_s, budget = run_stage("mae", "mae")
+    knn = knn_of(mae_w, shards, workers, memory=labelled)
+    rows.append({"run": "mae", "model": f"MAE pretrain (encoder, k-NN k=20, {some})", "epochs": budget, "top1": knn,
+                 "top5": None, "train_s": mae_s})
+    runs = [("finetune", "finetune", labelled, f"MAE -> fine-tune, {some}"),
+            ("linprobe", "linprobe", labelled, f"MAE -> linear probe, {some}"),
+            ("scratch", "scratch", labelled, f"from scratch, {some} (fine-tune's budget)")]
+    if labelled:  # the same fine-tune and baseline with every label, beside them
+        runs += [("finetune_all", "finetune", "", "MAE -> fine-tune, all labels"),
+                 ("scratch_all", "scratch", "", "from scratch, all labels (fine-tune's budget)")]
+    for name, stage, urls, label in runs:
+        w, s, budget = run_stage(name, stage, urls, mae_w if stage in ("finetune", "linprobe") else "")
         r = held_out(w, shards, workers)
-        rows.append({"model": label, "epochs": budget[stage], "top1": r["top1"], "top5": r["top5"], "train_s": s,
-                     "n": r["n"]})
-    by = {r["model"]: r for r in rows}
-    return {"seed": seed, "rows": rows, "fine_tune_gain": by[FINETUNE_ROW]["top1"] - by[SCRATCH_ROW]["top1"]}
+        rows.append({"run": name, "model": label, "epochs": budget, "top1": r["top1"], "top5": r["top5"],
+                     "train_s": s, "n": r["n"]})
+    by = {r["run"]: r for r in rows}
+    return {"seed": seed, "rows": rows, "fine_tune_gain": by["finetune"]["top1"] - by["scratch"]["top1"]}
+
+
+def _num_samples(index: str) -> int:
+    with fsspec.open(index) as f:
+        return int(json.load(f)["num_samples"])
 
 
 def _report(out: str, first: str, shards: str, small: bool, seeds: int) -> str:
@@ -236,7 +284,9 @@ def table(result: dict) -> str:
         return f"{100 * r[key]:.2f}%" if n == 1 else f"{100 * r[key]:.2f} ± {100 * r[key + '_std']:.2f}%"
 
     top1 = "held-out top-1" if n == 1 else f"held-out top-1 (mean ± std, {n} seeds)"
-    lines = [f"held-out: {result['n_val']} digits never seen in training (train: {result['n_train']})", "",
+    labelled = result.get("labels", result["n_train"])
+    of = f", {labelled} of them labelled" if labelled < result["n_train"] else ""
+    lines = [f"held-out: {result['n_val']} digits never seen in training (train: {result['n_train']}{of})", "",
              f"| model | epochs | {top1} | top-5 | train time |", "|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['epochs']} | {pct(r, 'top1')} | {pct(r, 'top5')} | {r['train_s']:.0f} s |")
@@ -258,8 +308,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per stage")
     parser.add_argument("--seeds", type=int, default=1,
                         help="run every stage with run.seed=0..N-1 (runs in OUT/seed<s>/) and report mean ± std")
-    for stage in ("mae", "finetune", "linprobe"):
-        parser.add_argument(f"--{stage}-epochs", type=float, default=None,
+    parser.add_argument("--labels", type=int, default=LABELS,
+                        help=f"labelled training digits for fine-tune, linear probe and from scratch (a multiple of "
+                             f"{SHARD_SAMPLES}; default {LABELS}; 0: all); MAE pretrains on every training digit "
+                             "the all-label fine-tune and baseline run beside them")
+    for stage in EPOCHS:
+        parser.add_argument(f"--{stage.replace('_', '-')}-epochs", type=float, default=None,
                             help=f"epochs of the {stage} stage (default {EPOCHS[stage]})")
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every stage, e.g. run.seed=1")
 
@@ -269,10 +323,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, without its warning
-    epochs = {s: getattr(args, f"{s}_epochs") for s in ("mae", "finetune", "linprobe")
-              if getattr(args, f"{s}_epochs") is not None}
+    epochs = {s: getattr(args, f"{s}_epochs") for s in EPOCHS if getattr(args, f"{s}_epochs") is not None}
     result = quickstart(args.out, small=args.small, workers=args.workers, epochs=epochs, extra=args.overrides,
-                        seeds=args.seeds)
+                        seeds=args.seeds, labels=args.labels)
     print(table(result))
     print(f"report: {result['report']}")
     from pretrain import dist as pdist

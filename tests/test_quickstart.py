@@ -10,9 +10,12 @@ from PIL import Image
 from conftest import metrics_rows, run_cli
 from pretrain.viz.report import layout, LINE, ticks
 from pretrain.errors import UserError
-from pretrain.quickstart import STAGES, quickstart, table
+from pretrain.data.index import read_index
+from pretrain.data.writer import write_shards
+from pretrain.quickstart import LABELS, STAGES, labelled_subset, quickstart, table
 
 STAGE_NAMES = ("mae", "finetune", "linprobe", "scratch")
+RUN_NAMES = (*STAGE_NAMES, "finetune_all", "scratch_all")  # the last two: every label, beside the labelled subset
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +37,26 @@ def test_quickstart_small(small_run):
     result = json.loads((out / "results.json").read_text())
     assert result["n_val"] == 359 and result["n_train"] == 1438  # the fixed 20% held-out split of 1,797
     assert result["seeds"] == 1 and [s["seed"] for s in result["per_seed"]] == [0]
-    rows = {r["model"]: r for r in result["rows"]}
-    assert len(rows) == 4
+    assert result["labels"] == LABELS
+    rows = {r["run"]: r for r in result["rows"]}
+    assert tuple(rows) == RUN_NAMES
     for r in rows.values():
         assert 0.0 <= r["top1"] <= 1.0 and r["train_s"] > 0 and r["epochs"] == "6 steps" and r["top1_std"] is None
-    assert rows["MAE -> fine-tune"]["top1"] == result["per_seed"][0]["rows"][1]["top1"]  # one seed: its own value
-    for label in ("MAE -> fine-tune", "MAE -> linear probe", "from scratch (same budget as fine-tune)"):
-        assert rows[label]["n"] == 359
-    for stage in STAGE_NAMES:
-        meta = json.loads((out / "export" / f"{stage}.json").read_text())
-        assert meta["img_size"] == 32 and meta["patch_size"] == 4 and meta["timm_kwargs"]["embed_dim"] == 128
-        assert meta["num_classes"] == (0 if stage == "mae" else 10)
-        assert sorted(metrics_rows(out / "runs" / stage)) == list(range(1, 7))  # --small logs every step
-    assert (out / "results.md").read_text().startswith("held-out: 359")
+    assert rows["finetune"]["top1"] == result["per_seed"][0]["rows"][1]["top1"]  # one seed: its own value
+    assert result["fine_tune_gain"] == rows["finetune"]["top1"] - rows["scratch"]["top1"]
+    assert f"MAE -> fine-tune, {LABELS} labels" in stdout and "MAE -> fine-tune, all labels" in stdout
+    for name in RUN_NAMES[1:]:
+        assert rows[name]["n"] == 359
+    for name in RUN_NAMES:
+        meta = json.loads((out / "export" / f"{name}.json").read_text())
+        assert meta["img_size"] == 16 and meta["patch_size"] == 4 and meta["timm_kwargs"]["embed_dim"] == 128
+        assert meta["num_classes"] == (0 if name == "mae" else 10)
+        assert sorted(metrics_rows(out / "runs" / name)) == list(range(1, 7))  # --small logs every step
+        # MAE and the all-label runs see every training digit; fine-tune, probe and baseline the labelled ones
+        derived = json.loads((out / "runs" / name / "derived.json").read_text())
+        assert derived["samples_per_epoch"] == (1438 if name in ("mae", "finetune_all", "scratch_all") else LABELS)
+    assert (out / "results.md").read_text().startswith(f"held-out: 359 digits never seen in training "
+                                                       f"(train: 1438, {LABELS} of them labelled)")
 
 
 def _panels(png) -> dict[str, np.ndarray]:
@@ -92,10 +102,10 @@ def test_quickstart_two_seeds(tmp_path, cli):
         each = [s["rows"][i]["top1"] for s in result["per_seed"]]
         assert row["top1"] == pytest.approx(np.mean(each)) and row["top1_std"] == pytest.approx(np.std(each, ddof=1))
     for seed in (0, 1):
-        for stage in STAGE_NAMES:
-            cfg = yaml.safe_load((out / f"seed{seed}/runs/{stage}/config.yaml").read_text())
+        for name in RUN_NAMES:
+            cfg = yaml.safe_load((out / f"seed{seed}/runs/{name}/config.yaml").read_text())
             assert cfg["run"]["seed"] == seed
-            assert (out / f"seed{seed}/export/{stage}.safetensors").exists()
+            assert (out / f"seed{seed}/export/{name}.safetensors").exists()
     assert not (out / "runs").exists() and (out / "report.png").exists()
     # different seeds, different weights: the fine-tunes' losses and exported files differ
     losses = [metrics_rows(out / f"seed{s}/runs/finetune")[6]["loss"] for s in (0, 1)]
@@ -104,11 +114,25 @@ def test_quickstart_two_seeds(tmp_path, cli):
     assert files[0] != files[1]
 
 
+def test_labelled_subset(tmp_path):
+    """The labelled subset is the first shards of the training split, read through their own index."""
+    shards = tmp_path / "shards"
+    write_shards("digits", str(shards), samples_per_shard=32, val_fraction=0.2, seed=0)
+    url = labelled_subset(str(shards), 64)
+    assert url == f"{shards}/train_64labels.json"
+    sub, full = read_index(url), read_index(f"{shards}/train.json")
+    assert sub.counts == [32, 32] and sub.shards == full.shards[:2] and sub.classes == full.classes
+    with pytest.raises(UserError, match="--labels 100: must be a multiple of 32"):
+        labelled_subset(str(shards), 100)
+
+
 def test_seeds_bad_values(tmp_path):
     with pytest.raises(UserError, match="--seeds must be at least 1, got 0"):
         quickstart(str(tmp_path), seeds=0)
     with pytest.raises(UserError, match="drop the run.seed override"):
         quickstart(str(tmp_path), seeds=2, extra=["run.seed=3"])
+    with pytest.raises(UserError, match="--labels 100: must be a multiple of 32"):
+        quickstart(str(tmp_path), labels=100)
     assert not (tmp_path / "shards").exists()  # refused before any work
 
 
