@@ -1,7 +1,6 @@
 """The input path's side stream, compiled blocks and SDPA backends on a GPU (`pytest -m gpu`; the CPU half of
 each is in test_kernels.py). Compile stays off except in the one test that checks it (the GPU minutes are few)."""
 import json
-import os
 import threading
 
 import pytest
@@ -11,24 +10,7 @@ from conftest import metrics_rows
 from pretrain.config import load_config
 from pretrain.errors import UserError
 
-from test_gpu import CONFIGS
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh on a GPU machine)"),
-    pytest.mark.skipif(os.environ.get("DS_ACCELERATOR", "cuda") != "cuda",
-                       reason="DS_ACCELERATOR is not cuda (tests/conftest.py sets cpu unless given): run with "
-                              "DS_ACCELERATOR=cuda, as scripts/gpu_check.sh does"),
-]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from pretrain.data.writer import write_shards
-
-    out = tmp_path_factory.mktemp("shards")
-    write_shards("synthetic:320", str(out), samples_per_shard=40, val_fraction=0.25)
-    return out
+from test_gpu import CONFIGS, pytestmark, shards  # noqa: F401  the gpu marks and the shards fixture
 
 
 def _cfg(kind, shards, out, *extra):
