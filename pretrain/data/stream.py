@@ -237,6 +237,7 @@ class TrainStream:
         self.seed = seed
         self.resampled = data.mode == "resampled"
         self.mixture: Optional[Mixture] = None
+        self.mixture_record: Optional[list[dict]] = None  # a mixture's sources, as its state records them
         self.start = 0  # a mixture epoch's first global position (mixture.py)
         if data.sources:
             self._open_mixture(index, labels)
@@ -291,10 +292,12 @@ class TrainStream:
         self.index = ShardIndex(shards, [n for c in counts for n in c], classes, sizes)
         self.counts = self.index.counts
         self.num_classes = len(classes)
-        self.sources = SourceSet(names, np.cumsum([0] + [len(ix.shards) for ix in indexes[:-1]]).tolist(),
-                                 [len(ix.classes) if labels else 0 for ix in indexes], maps)
         self.mixture = Mixture(counts, weights, self.seed, self.resampled)
-        self.weights = weights
+        self.sources = SourceSet(names, self.mixture.first_shard[:-1], [len(ix.classes) if labels else 0
+                                                                       for ix in indexes], maps)
+        # what a resume must find unchanged: each source's name, weight and size (built once: every state has it)
+        self.mixture_record = [{"name": n, "weight": w, "num_shards": len(c), "num_samples": sum(c)}
+                               for n, w, c in zip(names, weights, counts)]
 
     def _shuffle_block(self) -> int:
         """data.shuffle_block, lowered so that a block's raw samples fit in data.shuffle_mb by the index's mean
@@ -306,17 +309,10 @@ class TrainStream:
         return max(min(d.batch_size, d.shuffle_block), min(d.shuffle_block, int(d.shuffle_mb * 2**20 // mean)))
 
     # -- state ---------------------------------------------------------------------------------
-    def _mixture_record(self) -> Optional[list[dict]]:
-        """What a resume must find unchanged in a mixture: each source's name, weight and size."""
-        if self.mixture is None:
-            return None
-        return [{"name": n, "weight": w, "num_shards": len(c), "num_samples": sum(c)}
-                for n, w, c in zip(self.sources.names, self.weights, self.mixture.counts)]
-
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "mode": self.data.mode, "seed": self.seed,
                 "num_samples": self.num_samples, "num_shards": len(self.counts), "epoch": self._epoch,
-                "sources": self._mixture_record(), "start": self.start,
+                "sources": self.mixture_record, "start": self.start,
                 "layers": [{**lay.to_dict(), "batches": n} for lay, n in self._history]}
 
     def load_state_dict(self, d: dict) -> None:
@@ -327,7 +323,7 @@ class TrainStream:
         if version not in (1, STATE_VERSION):
             raise UserError(f"data state has version {version!r}; this build reads versions 1 and {STATE_VERSION}: "
                             "resume with the build that wrote the checkpoint, or start a new run")
-        saved, now = d.get("sources"), self._mixture_record()
+        saved, now = d.get("sources"), self.mixture_record
         if saved != now:
             def show(rec):
                 return "data.train_urls (one source)" if rec is None else ", ".join(
