@@ -9,7 +9,7 @@ import pytest
 
 from pretrain.dist import DistEnv, resolve
 from pretrain.errors import UserError
-from conftest import REPO, free_port
+from conftest import REPO, free_port, run_job
 from launch_fixtures import ALLREDUCE_SCRIPT, base_env, parse_allreduce
 
 
@@ -121,7 +121,7 @@ def test_torchrun_two_processes_all_reduce(tmp_path):
     t0 = time.monotonic()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(_script(tmp_path))]
-    out = subprocess.run(cmd, env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = run_job(cmd, env=base_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert parse_allreduce(out.stdout) == {0: (2, "torchrun", 3.0), 1: (2, "torchrun", 3.0)}
     print(f"torchrun 2 processes: {time.monotonic() - t0:.1f}s")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, metrics_rows, run_cli
+from conftest import free_port, metrics_rows, run_cli, run_job
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {"supervised": REPO / "configs/pretrain/supervised_tiny_cpu.yaml",
@@ -73,8 +73,7 @@ def _torchrun(kind, stage, shards, out):
         overrides += [f"data.val_urls={shards}/val.json", "eval.every_steps=5"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), __file__, str(CONFIGS[kind]), *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = run_job(cmd, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Path(out) / f"{kind}{stage}"
 
@@ -185,8 +184,7 @@ def test_one_process_checkpoint_resumes_on_two_processes(shards, tmp_path):
     # last step or two (wherever the last block's shuffle puts them)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), __file__, str(CONFIGS["mae"]), *common, "optim.max_steps=13"]
-    two = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    two = run_job(cmd, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert "step_00000003_universal at step 3" in two.stderr
     assert re.search(r"its last [12] step\(s\) are ragged, 8 padded samples weigh 0", two.stderr), two.stderr[-3000:]

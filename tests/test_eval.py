@@ -1,7 +1,6 @@
 """`vit-pretrain eval` (one and two processes), the reusable evaluate loop, and the weighted k-NN monitor."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -65,14 +64,14 @@ def test_evaluate_counts_match_a_direct_computation(digits, classifier):
 
 @pytest.mark.slow
 def test_eval_two_processes_equals_one(digits, classifier, cli):
-    from conftest import free_port
+    from conftest import free_port, run_job
 
     one = json.loads(cli("eval", str(classifier), "--data", str(digits / "val.json"), "--workers", "0").stdout)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "pretrain", "eval", str(classifier), "--data", str(digits / "val.json"), "--workers", "0",
            "--batch-size", "32"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    p = run_job(cmd, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     two = json.loads(p.stdout)  # rank 0 alone prints
     assert two["n"] == one["n"] == 359

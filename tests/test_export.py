@@ -1,7 +1,6 @@
 """Export: real DeepSpeed ZeRO-2/3 checkpoints (1 and 2 processes) -> safetensors -> plain timm, strict."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -104,14 +103,14 @@ def test_export_one_process(tmp_path, stage, mae):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_export_two_processes(tmp_path, stage):
-    from conftest import free_port
+    from conftest import free_port, run_job
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), __file__, str(tmp_path), str(stage)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = run_job(cmd, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ck = tmp_path / "checkpoints" / "step_00000003"
     assert len(list(ck.glob("*optim_states.pt"))) == 2, "a 2-process ZeRO checkpoint has 2 optimizer shards"

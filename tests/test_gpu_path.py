@@ -3,20 +3,19 @@ masks, losses, pictures and k-NN, the DeepSpeed config's syncs, the stop-check c
 mode and per-block compilation. What only a GPU can show is in test_gpu.py."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port, metrics_rows
+from conftest import free_port, metrics_rows, run_job
 from pretrain.config import load_config
 from pretrain.dist import device_index, resolve
 from pretrain.engine.ds import Precision, build_ds_config, build_optimizer, compile_blocks, resolve_precision
 from pretrain.errors import UserError
 
-from test_engine import REPO, TINY_MAE, TINY_SUP, _cfg, shards  # noqa: F401  (shards: the same module fixture)
+from test_engine import TINY_MAE, TINY_SUP, _cfg, shards  # noqa: F401  (shards: the same module fixture)
 
 
 # ------------------------------------------------------------------------------- 1. device selection
@@ -207,8 +206,7 @@ def test_stop_signal_on_one_rank_is_honoured_by_all_at_the_next_check(shards, tm
                  "optim.max_steps=16", "checkpoint.every_steps=0", "run.stop_check_steps=4"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), __file__, TINY_SUP, "5", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = run_job(cmd, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "stop"
     for rank in (0, 1):

@@ -4,7 +4,6 @@ local disk. Wrong bucket, missing credentials and an unreachable endpoint end in
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port, metrics_rows, run_cli
+from conftest import REPO, free_port, metrics_rows, run_cli, run_job
 from s3_fixtures import FlakyProxy, make_bucket, s3_env, s3_server  # noqa: F401  (fixture)
 
 CONFIG = REPO / "configs/pretrain/supervised_tiny_cpu.yaml"
@@ -127,8 +126,7 @@ def test_torchrun_two_ranks_from_s3_equals_local(corpus, tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), "-m", "pretrain", "train", str(CONFIG), f"data.train_urls={urls}",
                f"run.out_dir={tmp_path}", f"run.name={name}", "optim.max_steps=6", "checkpoint.every_steps=0"]
-        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400,
-                           env=dict(os.environ, OMP_NUM_THREADS="1", **env))
+        p = run_job(cmd, timeout=400, env=dict(os.environ, OMP_NUM_THREADS="1", **env))
         assert p.returncode == 0, p.stderr[-3000:]
         return {s: r["loss"] for s, r in metrics_rows(tmp_path / name).items()}, p.stderr
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, free_port, metrics_rows
+from conftest import REPO, free_port, metrics_rows, run_job
 from test_finetune import export_nano
 
 pytestmark = pytest.mark.slow
@@ -68,8 +68,7 @@ def _command(recipe: str, stage: int, extra: list[str], data: Path, out: Path, n
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = run_job(cmd, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

@@ -24,7 +24,7 @@ from pretrain.config import Config, load_config, split_config_args, to_yaml
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.consolidate import load_source
 from pretrain.engine.ds import autocast, initialize, resolve_precision
-from pretrain.engine.faults import Faults
+from pretrain.engine.faults import HOLD_S, Faults
 from pretrain.engine.guard import NonFiniteError, NonFiniteGuard
 from pretrain.engine.indexes import shared_indexes
 from pretrain.engine.kernels import WarmupClock, check_attention, compile_cache_env, pin_attention, resolve_compile
@@ -309,6 +309,8 @@ class Trainer:
         for is_due, action in due:
             if is_due:
                 action()
+        if self.faults.due(s, "hold"):  # injected: wait for a test's stop signal (pretrain/engine/faults.py)
+            self.stop.wait(HOLD_S)
         if self.vote(s):  # checkpoint, end
             self._save()
             self.console.info(f"stop signal: checkpointed step {s}; exiting with {EXIT_REQUEUE} (requeue)")
