@@ -398,3 +398,42 @@ def test_no_host_read_between_logging_steps(shards, tmp_path, path, precision):
         trainer.train_steps(3)  # steps 2-4: none a logging step
     trainer.log.close()
     assert not reads.ops, f"{len(reads.ops)} host reads in 3 steps, the first from:\n{reads.ops[0]}"
+
+
+class _Collectives(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the c10d collectives dispatched (all_reduce and the others go through torch.ops.c10d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path,precision", [(TINY_SUP, "fp32"), (TINY_MAE, "bf16")])
+def test_one_rank_at_zero_0_reduces_no_gradients(shards, tmp_path, path, precision):
+    """World size 1, ZeRO 0: no step all-reduces its gradients with itself (DeepSpeed's fallback would flatten
+    them, reduce and copy them back), and the steps' weights equal those of an engine that does."""
+    import threading
+
+    from pretrain import dist as pdist
+    from pretrain.engine.trainer import Trainer
+
+    weights = []
+    for reduce in (False, True):
+        cfg = _cfg(path, shards, tmp_path, "deepspeed.zero_stage=0", f"deepspeed.precision={precision}",
+                   "optim.accum_steps=2", "optim.max_steps=10", "logging.every_steps=5", "checkpoint.every_steps=0",
+                   f"run.name=reduce{reduce}")
+        trainer = Trainer(cfg, pdist.setup(), threading.Event())
+        assert trainer.engine.enable_backward_allreduce is False
+        trainer.engine.enable_backward_allreduce = reduce  # what DeepSpeed does by default
+        with _Collectives() as collectives:
+            trainer.train_steps(3)  # none a logging step
+        trainer.log.close()
+        assert bool(collectives.ops) == reduce, collectives.ops
+        weights.append([p.detach().clone() for p in trainer.module.parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -197,6 +197,11 @@ def initialize(task: torch.nn.Module, cfg, world_size: int, device: torch.device
     if compile:
         compile_blocks(task)
     engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
+    if world_size == 1 and cfg.deepspeed.zero_stage == 0:
+        # one rank: DeepSpeed would still flatten every gradient into a bucket, all-reduce it with itself and
+        # copy it back, three passes over the gradients each step for nothing (ZeRO 1-3 reduce in their own
+        # optimizers; bf16's optimizer still folds its gradients in before this point)
+        engine.enable_backward_allreduce = False
     return engine, ds_config
 
 
