@@ -262,6 +262,13 @@ class DataConfig:
     """Normalisation std, applied on the device."""
     max_bad_fraction: float = 0.01
     """Stop with an error once more than this fraction of samples read is corrupt or unreadable."""
+    decode: Literal["cpu", "gpu", "auto"] = "cpu"
+    """Where training images are decoded, cropped and resized. `cpu`: in the data workers. `gpu`: the workers
+    read each sample and draw its crop and flip (the same draws as `cpu`: same samples, crops and order), the
+    trainer's process decodes the batch with nvJPEG and crops, resizes and flips on the GPU; non-JPEG samples
+    and nvJPEG failures are decoded on the CPU. Refused on the CPU, and with data.auto_augment,
+    data.color_jitter or data.reprob (no device form). `auto`: a provisional rule, not yet measured on a GPU
+    (docs/data.md, Decoding on the GPU), resolved once at start and written in the run's config.yaml."""
 
     def check(self) -> None:
         require(not (self.sources and self.train_urls), "data.train_urls", self.train_urls,
@@ -287,6 +294,18 @@ class DataConfig:
         require(all(s > 0 for s in self.std), "data.std", self.std, "must hold positive values")
         require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", self.max_bad_fraction,
                 "must be in [0, 1]")
+        host_only = self.host_only_augmentations()
+        if self.decode == "gpu" and host_only:
+            key, value, off = host_only[0]
+            raise UserError(f"config key data.decode: got 'gpu', but {key}={value!r} has no device form (it runs on "
+                            f"the CPU in the data workers): set {key}={off!r}, or decode on the CPU (data.decode=cpu)")
+
+    def host_only_augmentations(self) -> list[tuple[str, Any, Any]]:
+        """(key, value, its off value) of each augmentation set here that has no device form: RandAugment and
+        colour jitter run on PIL images, random erasing in the workers."""
+        knobs = [("data.auto_augment", self.auto_augment, ""), ("data.color_jitter", self.color_jitter, 0.0),
+                 ("data.reprob", self.reprob, 0.0)]
+        return [(key, value, off) for key, value, off in knobs if value]
 
 
 @dataclass

@@ -5,6 +5,8 @@ batches the trainer has received fixes what every worker has consumed: the strea
 counter per epoch layer, identical on every rank. Exact resume and re-splitting over another world
 size are hand-written (webdataset has neither); tar access and URL opening are in tario.py / index.py.
 A weighted mixture of sources (`data.sources`) reads its epochs through mixture.py's order, the same plan.
+With a decode device (data.decode=gpu) the workers yield encoded batches with their crops drawn, and the
+iterator decodes them in this process (device_decode.py): the same counters, the same samples and crops.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pretrain.data.device_decode import BatchDecoder, CropDraws, encoded_batch
 from pretrain.data.index import ShardIndex, read_index
 from pretrain.data.mixture import MIN_SHARE, Mixture, MixtureWindow
 from pretrain.data.plan import EpochPlan, Layout, block_at
@@ -124,7 +127,9 @@ class _TrainSlots(IterableDataset):
         self.planner = stream.planner
         self.seed, self.layout = stream.seed, stream.layout
         self.shards, self.rank = stream.index.shards, stream.rank
-        self.decoder, self.num_classes = stream.decoder, stream.num_classes
+        self.split = stream.draws is not None  # data.decode=gpu: the workers draw crops, decode nothing
+        self.decoder = stream.draws if self.split else stream.decoder
+        self.num_classes = stream.num_classes
         self.sources = stream.sources
         self.plan, self.n_start = plan, n_start
         self.epoch = torch.tensor(plan.epoch if plan else 0, dtype=torch.int64).share_memory_()
@@ -167,7 +172,8 @@ class _TrainSlots(IterableDataset):
 
     def _batch(self, pending: list, real: list, layer: int, slot: int, epoch: int, k: int, last_good):
         """One batch: (images, labels, bad samples by kind, padding weight or None, per source (2, S): real
-        samples and bad ones), and the last good sample (what fills a batch of none)."""
+        samples and bad ones), and the last good sample (what fills a batch of none). Split (data.decode=gpu):
+        the images are an EncodedBatch, decoded in the main process (device_decode.py)."""
         rng = _seed_batch(self.seed, epoch, layer, slot, k)
         bad: Counter = Counter()
         entries = [e for e, _ in pending]
@@ -185,8 +191,14 @@ class _TrainSlots(IterableDataset):
         # a skipped sample's place is filled by another sample of the batch: every rank keeps full,
         # equal batches (so no rank waits at a collective) and positions stay countable for resume
         fill = rng.integers(0, len(good), size=len(done))
+        counted = [d is not None for d in done]
         done = [d if d is not None else good[fill[i]] for i, d in enumerate(done)]
-        x, y = to_batch([d[0] for d in done], [d[1] for d in done])
+        images, labels = [d[0] for d in done], [d[1] for d in done]
+        if self.split:
+            where = [f"{key!r} in shard {url}" for url, key, _, _ in entries]
+            x, y = encoded_batch(images, labels, counted, where, src, (self.seed, epoch, layer, slot, k))
+        else:
+            x, y = to_batch(images, labels)
         weight = None if all(real) else torch.tensor(real, dtype=torch.float32)
         return (x, y, dict(bad), weight, per_source), good[-1]
 
@@ -229,10 +241,13 @@ class TrainStream:
     mode ('train': timm's supervised transforms, 'mae': crop + flip, 'eval': centre crop); `seed`: the
     run's seed (sample order and augmentations); `accum`: micro-batches per optimizer step (an epoch holds
     whole steps); `labels`: whether the trainer learns from labels (a mixture's sources need one class list
-    only then); `index`: data.train_urls already read, or for a mixture each source's, in order."""
+    only then); `index`: data.train_urls already read, or for a mixture each source's, in order;
+    `decode_device`: None decodes in the workers; a device splits the work (device_decode.py): the workers
+    draw the crops, this process decodes, crops, resizes and flips on that device (the CPU too, for tests)."""
 
     def __init__(self, data: DataConfig, rank: int, world_size: int, *, img_size: int, augment: str, seed: int,
-                 accum: int = 1, labels: bool = True, index: "ShardIndex | list[ShardIndex] | None" = None):
+                 accum: int = 1, labels: bool = True, index: "ShardIndex | list[ShardIndex] | None" = None,
+                 decode_device: Optional[torch.device] = None):
         self.data, self.rank, self.world_size = data, rank, world_size
         self.seed = seed
         self.resampled = data.mode == "resampled"
@@ -256,6 +271,9 @@ class TrainStream:
             raise UserError(f"{self.num_samples} samples per epoch cannot fill one batch of {data.batch_size} on "
                             f"each of {world_size} ranks; lower data.batch_size or add data")
         self.decoder = Decoder(augment, img_size, data)
+        split = decode_device is not None
+        self.draws = CropDraws(self.decoder) if split else None
+        self.batch_decoder = BatchDecoder(img_size, self.decoder.interp, decode_device) if split else None
         self.planner = Planner(self.counts, seed, self.num_samples, self.resampled, self.mixture)
         self._epoch = 0
         self._history: list[list] = []  # [[Layout, batches handed out], ...] of the current epoch
@@ -400,6 +418,9 @@ class TrainStream:
         got = 0
         try:
             for x, y, bad, weight, per_source in reraise_user_errors(loader, keep=persistent):
+                per_source = np.asarray(per_source)  # the loader hands it over as a tensor
+                if self.batch_decoder is not None:
+                    x = self._decode(x, bad, per_source)
                 n = cur[1]
                 first = n - n % accum  # a layer starts at a step boundary, so its steps are [first, first + accum)
                 real = None
@@ -408,7 +429,7 @@ class TrainStream:
                 cur[1] += 1
                 got += 1
                 self._account(bad, len(y))
-                self._per_source += np.asarray(per_source)  # the loader hands it over as a tensor
+                self._per_source += per_source
                 yield x, y, weight, real
         finally:
             if persistent and got < left:  # stopped early: its workers were shut down
@@ -419,6 +440,16 @@ class TrainStream:
             first = plan.layers[0]
             self.start += first.batches_per_rank * first.layout.world_size * first.layout.batch_size
         self._epoch, self._history = epoch + 1, []
+
+    def _decode(self, batch, bad: dict, per_source: np.ndarray) -> torch.Tensor:
+        """A worker's EncodedBatch as uint8 (B, 3, S, S) on the decode device; what no decoder could read is
+        counted `undecodable` (in `bad` and `per_source`, as a worker counts) and filled (BatchDecoder)."""
+        images, failed = self.batch_decoder(batch)
+        counted = [i for i in failed if batch.counted[i]]  # a place filled in the worker is its filler's failure
+        if counted:
+            bad["undecodable"] = bad.get("undecodable", 0) + len(counted)
+            np.add.at(per_source[1], batch.sources[counted], 1)
+        return images
 
     def _make_loader(self, ds: "_TrainSlots", persistent: bool = False) -> DataLoader:
         workers = self.data.workers
@@ -455,11 +486,13 @@ class TrainStream:
 
 def build_train_stream(data: DataConfig, rank: int, world_size: int, *, img_size: int, augment: str, seed: int,
                        accum: int = 1, labels: bool = True,
-                       index: "ShardIndex | list[ShardIndex] | None" = None) -> TrainStream:
+                       index: "ShardIndex | list[ShardIndex] | None" = None,
+                       decode_device: Optional[torch.device] = None) -> TrainStream:
     """The train stream of `data.train_urls`, or of the mixture of `data.sources` (arguments as `TrainStream`'s;
-    `index`: the shard indexes already read, by one rank for all; default: read here)."""
+    `index`: the shard indexes already read, by one rank for all; default: read here; `decode_device`: where
+    the main process decodes (data.decode=gpu), None: in the workers)."""
     return TrainStream(data, rank, world_size, img_size=img_size, augment=augment, seed=seed, accum=accum,
-                       labels=labels, index=index)
+                       labels=labels, index=index, decode_device=decode_device)
 
 
 # ----------------------------------------------------------------------------- eval

@@ -76,12 +76,29 @@ def decode_for_crop(data: bytes, box_of, out: int) -> tuple[np.ndarray, tuple[fl
     return arr, (left * sx, top * sy, cw * sx, ch * sy)
 
 
-def crop_resize(arr: np.ndarray, box, out: int, mode: str, flip: bool = False) -> np.ndarray:
-    """Crop `box` (left, top, w, h) of (H, W, 3) uint8 and resize to (out, out, 3) with antialiasing."""
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header, read by the decoders `decode_for_crop` would try, in its order."""
+    if _simplejpeg is not None and data[:2] == b"\xff\xd8":
+        try:
+            h, w, _, _ = _simplejpeg.decode_jpeg_header(data)
+            return w, h
+        except ValueError:
+            pass  # PIL decides, as in decode_for_crop
+    return Image.open(io.BytesIO(data)).size  # lazy: reads the header only
+
+
+def crop_bounds(box, height: int, width: int) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the pixels of `box` (left, top, w, h) in an image of that size, at least one each way."""
     left, top, cw, ch = box
     x0, y0 = max(0, int(round(left))), max(0, int(round(top)))
-    x1 = min(arr.shape[1], max(x0 + 1, int(round(left + cw))))
-    y1 = min(arr.shape[0], max(y0 + 1, int(round(top + ch))))
+    x1 = min(width, max(x0 + 1, int(round(left + cw))))
+    y1 = min(height, max(y0 + 1, int(round(top + ch))))
+    return y0, y1, x0, x1
+
+
+def crop_resize(arr: np.ndarray, box, out: int, mode: str, flip: bool = False) -> np.ndarray:
+    """Crop `box` (left, top, w, h) of (H, W, 3) uint8 and resize to (out, out, 3) with antialiasing."""
+    y0, y1, x0, x1 = crop_bounds(box, arr.shape[0], arr.shape[1])
     x = torch.from_numpy(arr).permute(2, 0, 1)[None, :, y0:y1, x0:x1]  # (1, 3, h, w) view of HWC memory
     x = x.contiguous(memory_format=torch.channels_last)  # the vectorised uint8 kernel wants channels-last
     x = F.interpolate(x, size=(out, out), mode=mode, antialias=True, align_corners=False)
@@ -110,6 +127,19 @@ def _fix_posterize(transforms) -> None:
         for op in getattr(t, "ops", []):
             if op.name.startswith("Posterize"):
                 op.aug_fn = _posterize
+
+
+def image_bytes(sample: dict) -> bytes:
+    """The sample's image file; raises BadSample when it has none, or an empty or truncated one."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise BadSample("not_image")
+    data = sample[ext]
+    if data is None:
+        raise BadSample("truncated")
+    if len(data) == 0:
+        raise BadSample("empty_image")
+    return data
 
 
 class Decoder:
@@ -157,22 +187,22 @@ class Decoder:
         crop = self.size * min(w, h) / math.floor(self.size / self.crop_pct)  # = resize, then centre crop
         return (w - crop) / 2, (h - crop) / 2, crop, crop
 
+    def box_of(self, w: int, h: int) -> tuple[float, float, float, float]:
+        """The crop (left, top, width, height) of a w x h image: drawn in training, the centre crop in eval."""
+        return self._center_box(w, h) if self.mode == "eval" else self._random_box(w, h)
+
+    def draw_flip(self) -> bool:
+        """Whether to flip (one draw in training, after the crop's; none in eval)."""
+        return self.mode != "eval" and random.random() < self.hflip
+
     def __call__(self, sample: dict) -> np.ndarray:
         """(H, W, 3) uint8; raises BadSample(kind) for a sample to skip."""
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
-            raise BadSample("not_image")
-        data = sample[ext]
-        if data is None:
-            raise BadSample("truncated")
-        if len(data) == 0:
-            raise BadSample("empty_image")
-        train = self.mode != "eval"
+        data = image_bytes(sample)
         try:
-            arr, box = decode_for_crop(data, self._random_box if train else self._center_box, self.size)
+            arr, box = decode_for_crop(data, self.box_of, self.size)
         except Exception:  # noqa: BLE001  decoders raise many types for corrupt or truncated files
             raise BadSample("undecodable") from None
-        arr = crop_resize(arr, box, self.size, self.interp, flip=train and random.random() < self.hflip)
+        arr = crop_resize(arr, box, self.size, self.interp, flip=self.draw_flip())
         if self.secondary is not None:
             arr = np.asarray(self.secondary(Image.fromarray(arr)))
         if self.erase is not None:

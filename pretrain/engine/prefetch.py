@@ -63,12 +63,14 @@ class Prefetcher:
             batches.close()
 
     def _stage_next(self, batches) -> tuple[int, tuple, torch.cuda.Event | None]:
-        epoch, host = next(batches)
         if self._side is None:
+            epoch, host = next(batches)
             return epoch, self._stage(*host), None
         # no wait for the compute stream: the side stream writes only memory it allocates, which the allocator
-        # hands out again only after the compute stream is done with it (record_stream in _hand_over)
+        # hands out again only after the compute stream is done with it (record_stream in _hand_over). The
+        # stream's own device work (data.decode=gpu decodes the batch on the device) runs there too.
         with torch.cuda.stream(self._side):
+            epoch, host = next(batches)
             staged = self._stage(*host)
             ready = self._side.record_event()
         return epoch, staged, ready

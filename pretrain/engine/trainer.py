@@ -7,6 +7,7 @@ the Python entry point.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -116,10 +117,12 @@ class Trainer:
         from pretrain.data import build_train_stream
 
         cfg = self.cfg
+        self.decode = self._resolve_decode()
         self.indexes = shared_indexes(cfg, train=stream is None)  # rank 0 reads them, the others receive
         stream = stream if stream is not None else build_train_stream(
             cfg.data, self.rank, self.world, img_size=resolve_arch(cfg.model)["img_size"], augment=task_cls.augment,
-            seed=cfg.run.seed, accum=cfg.optim.accum_steps, labels=task_cls.needs_labels, index=self.indexes["train"])
+            seed=cfg.run.seed, accum=cfg.optim.accum_steps, labels=task_cls.needs_labels, index=self.indexes["train"],
+            decode_device=self.device if self.decode == "gpu" else None)
         # the next micro-batch is staged on the device while the current one trains (engine/prefetch.py); the
         # stream's position it reports is that of the batches trained on
         self.stream = Prefetcher(stream, self._stage, self.device)
@@ -129,6 +132,43 @@ class Trainer:
         # starts at the first step (after a resume has set the epoch and the plan)
         self._batch_iter = self.stream.iterate(
             self._batches(), wanted=lambda: (self.total_steps - self.step) * cfg.optim.accum_steps)
+
+    def _resolve_decode(self) -> str:
+        """data.decode for this run, 'cpu' or 'gpu'; `auto` is resolved once: a run resumed in its own directory
+        keeps what its config.yaml says it resolved to (a resume decodes the same way), else
+        `decode_rule` (provisional) decides. `gpu` on a CPU device is refused."""
+        from pretrain.data.device_decode import cores_per_gpu, decode_rule
+
+        setting = self.cfg.data.decode
+        if setting == "auto":
+            earlier = self._earlier_decode()
+            setting = earlier or decode_rule(self.cfg.data, self.device, cores_per_gpu())
+            how = "as this run resolved it before" if earlier else "by the provisional rule (docs/data.md)"
+            self.console.info(f"data.decode=auto: {setting}, {how}")
+        if setting == "gpu" and self.device.type != "cuda":
+            raise UserError(f"config key data.decode: got 'gpu', but this run trains on the CPU ({self.device}): "
+                            "decode on the CPU (data.decode=cpu or auto), or train on a CUDA device")
+        return setting
+
+    def _earlier_decode(self) -> str | None:
+        """What `auto` resolved to when this run directory started before (its config.yaml), when resuming in it
+        and this device can decode that way; else None."""
+        import yaml
+
+        if self.cfg.checkpoint.resume != "auto":
+            return None
+        fs, root = fsspec.core.url_to_fs(self.run_dir)
+        if not fs.exists(f"{root}/config.yaml"):
+            return None
+        with fs.open(f"{root}/config.yaml") as f:
+            earlier = ((yaml.safe_load(f) or {}).get("data") or {}).get("decode")
+        usable = earlier == "cpu" or (earlier == "gpu" and self.device.type == "cuda")
+        return earlier if usable else None
+
+    def resolved_config(self) -> Config:
+        """The config as this run resolved it (data.decode's `auto` replaced): what config.yaml and checkpoints
+        hold. A copy: the config itself is never changed."""
+        return dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, decode=self.decode))
 
     def _plan_steps(self) -> None:
         """Optimizer steps per epoch and in all, the effective batch and the lr schedule, derived once."""
@@ -190,7 +230,7 @@ class Trainer:
         fs, root = fsspec.core.url_to_fs(self.run_dir)
         fs.makedirs(root, exist_ok=True)
         with fs.open(f"{root}/config.yaml", "w") as f:
-            f.write(to_yaml(self.cfg))
+            f.write(to_yaml(self.resolved_config()))
         with fs.open(f"{root}/model.json", "w") as f:
             json.dump(model_record(self.cfg, self.num_classes), f, indent=2)
 
@@ -258,7 +298,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch, "samples_per_epoch": self.stream.num_samples,
             "num_classes": self.num_classes, "params": num_params(self.module),
             "train_flops_per_image": self.flops_per_image, "start_step": self.step,
-            "compile": self.compiled, "attention": self.attention,
+            "compile": self.compiled, "attention": self.attention, "decode": self.decode,
         }
         self.derived = derived
         if self.rank == 0:
@@ -457,7 +497,7 @@ class Trainer:
         client = {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
                   "total_steps": self.total_steps, "effective_batch": self.effective_batch,
                   "schedule": self.schedule.state_dict(),
-                  "skipped_total": self.guard.pending(), "config": to_yaml(self.cfg),
+                  "skipped_total": self.guard.pending(), "config": to_yaml(self.resolved_config()),
                   "source_counts": self._source_totals(),
                   "data_state": self.stream.state_dict()}
         self.faults.check(self.step, "save")
