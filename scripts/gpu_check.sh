@@ -4,13 +4,19 @@
 #   bench_b  `bench gpu` ViT-B/16 batch 256: ours compiled vs the compiled timm loop, MAE-B compiled, then eager
 #   bench_l  `bench gpu` ViT-L/16 from batch L_BATCH (halved until it fits): compiled, then eager
 #   tests    `pytest -m gpu` (tests/test_gpu.py) with the time left
-#   scripts/gpu_check.sh                       # all three within BUDGET_S (default 540 s)
-#   DRY_RUN=1 PYTHON=.venv/bin/python scripts/gpu_check.sh   # the same parts on the CPU (bench gpu --gpu-dry-run)
+#   memory   `bench memory` (the largest micro-batch per arch, task and checkpointing; docs/benchmarks.md "Memory
+#            table"), at most MEMORY_S, only when PARTS names it: its caps after bench_b and bench_l (270 + 150 +
+#            150 s) overrun BUDGET_S, so it runs after the tests with what they leave, or alone (PARTS=memory)
+#   scripts/gpu_check.sh                       # bench_b, bench_l, tests within BUDGET_S (default 540 s)
+#   PARTS=memory scripts/gpu_check.sh          # the memory table alone (MEMORY_S=500 for more of its rows)
+#   DRY_RUN=1 PYTHON=.venv/bin/python scripts/gpu_check.sh   # the same parts on the CPU (--gpu-dry-run, --memory-dry-run)
 #   PARTS="bench_b tests" ATTENTION=flash,cudnn scripts/gpu_check.sh   # some parts; attention backends of ours
 #   PYTEST_ARGS="-k bf16" PARTS=tests scripts/gpu_check.sh   # a subset of the gpu tests
 # Settings: B_VARIANTS, L_VARIANTS (bench gpu --gpu-variants), L_BATCH, ATTENTION (--gpu-attention; needs the
-# model.attention_backend config key), BENCH_ARGS (more bench flags), B_S / L_S (each bench part's cap in s).
-# Logs, JSON and summary.md go to $OUT if set, else ./gpu_check_out (8 files at most). On an offline machine the
+# model.attention_backend config key), BENCH_ARGS (more bench gpu flags), B_S / L_S / MEMORY_S (each bench part's
+# cap in s), MEMORY_ARGS (more bench memory flags, e.g. "--memory-archs vit_large_patch16_224 --memory-ckpt off").
+# JSON, one log for the bench parts (bench.log), the tests' log and report and summary.md go to $OUT if set, else
+# ./gpu_check_out (8 files at most, all parts run). On an offline machine the
 # wheels the image lacks (deepspeed, webdataset, pytest, ...; scripts/gpu_wheels.sh puts them in .whl/) are
 # installed into /tmp/site first, and the package runs as `python3 -m pretrain` (../shared/GPU.md).
 # Exit status: 0 when every part ran clean, else 1.
@@ -29,8 +35,8 @@ mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl || exit 1
 fi
-accel=cuda dry=()
-[ "$DRY_RUN" = 1 ] && accel=cpu dry=(--gpu-dry-run)
+accel=cuda
+[ "$DRY_RUN" = 1 ] && accel=cpu
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DS_ACCELERATOR=$accel \
   TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
 
@@ -52,19 +58,22 @@ cap() { local l; l=$(left); echo $(( $1 < l ? $1 : l )); }  # a part's limit: it
 limited() { local s=$1; shift; [ "$s" -gt 10 ] || { echo "gpu_check: no time left for $*"; return 124; }
   timeout -s INT -k 20 "$s" "$@"; }
 declare -A rc=()
-bench() {  # bench PART JSON_NAME CAP_S ARGS...: one `bench gpu` invocation
-  local part=$1 name=$2 limit; limit=$(cap "$3"); shift 3
+bench() {  # bench PART BENCH JSON_NAME LIMIT_S ARGS...: one `bench BENCH` invocation, its log appended to bench.log
+  local part=$1 which=$2 name=$3 limit=$4; shift 4
   [[ " $PARTS " == *" $part "* ]] || return 0
-  echo "== bench gpu $* (${limit} s) -> $OUT/$name.log"
-  # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-  limited "$limit" "$PY" -m pretrain bench gpu "$@" ${ATTENTION:+--gpu-attention "$ATTENTION"} "${dry[@]}" \
-    ${BENCH_ARGS:-} --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  [ "$DRY_RUN" = 1 ] && set -- "$@" "--$which-dry-run"
+  echo "== bench $which $* (${limit} s) -> $OUT/$name.json" | tee -a "$OUT/bench.log"
+  limited "$limit" "$PY" -m pretrain bench "$which" "$@" --json "$OUT/$name.json" > "$OUT/$name.tmp.log" 2>&1
   rc[$part]=$?
-  tail -n 8 "$OUT/$name.log"
+  cat "$OUT/$name.tmp.log" >> "$OUT/bench.log" && rm -f "$OUT/$name.tmp.log"
+  tail -n 8 "$OUT/bench.log"
 }
-bench bench_b bench_gpu_b "${B_S:-270}" --gpu-archs vit_base_patch16_224 --gpu-batch 256 --gpu-variants "$B_VARIANTS"
-bench bench_l bench_gpu_l "${L_S:-150}" --gpu-archs vit_large_patch16_224 --gpu-batch "$L_BATCH" \
-  --gpu-variants "$L_VARIANTS" --gpu-steps 5 --gpu-rounds 3
+# shellcheck disable=SC2086  # BENCH_ARGS and MEMORY_ARGS are lists of flags
+bench bench_b gpu bench_gpu_b "$(cap "${B_S:-270}")" --gpu-archs vit_base_patch16_224 --gpu-batch 256 \
+  --gpu-variants "$B_VARIANTS" ${ATTENTION:+--gpu-attention "$ATTENTION"} ${BENCH_ARGS:-}
+# shellcheck disable=SC2086
+bench bench_l gpu bench_gpu_l "$(cap "${L_S:-150}")" --gpu-archs vit_large_patch16_224 --gpu-batch "$L_BATCH" \
+  --gpu-variants "$L_VARIANTS" --gpu-steps 5 --gpu-rounds 3 ${ATTENTION:+--gpu-attention "$ATTENTION"} ${BENCH_ARGS:-}
 if [[ " $PARTS " == *" tests "* ]]; then
   "$PY" -c "import pytest" 2>/dev/null || echo "gpu_check: pytest is missing here; run scripts/gpu_wheels.sh on a machine with the registries"
   echo "== pytest -m gpu ($(left) s) -> $OUT/gpu_tests.log"
@@ -74,6 +83,10 @@ if [[ " $PARTS " == *" tests "* ]]; then
   rc[tests]=$?
   tail -n 5 "$OUT/gpu_tests.log"
 fi
+# the search stops itself 20 s before its limit (a probe is never started past --memory-budget-s), keeping its rows
+mem_s=$(cap "${MEMORY_S:-150}")
+# shellcheck disable=SC2086
+bench memory memory bench_memory "$mem_s" --memory-budget-s $(( mem_s > 30 ? mem_s - 20 : 10 )) ${MEMORY_ARGS:-}
 
 "$PY" - "$OUT" "$(for p in "${!rc[@]}"; do echo "$p=${rc[$p]}"; done)" <<'PY' | tee "$OUT/summary.md"
 import datetime, json, math, os, sys
@@ -107,7 +120,7 @@ for part, name in (("bench_b", "bench_gpu_b"), ("bench_l", "bench_gpu_l")):
     path = os.path.join(out, f"{name}.json")
     print(f"\nbench gpu, {part} (exit {rcs[part]}; 124: cut at its time limit, the rows below finished):\n")
     if not os.path.exists(path):
-        print(f"no results; see {name}.log")
+        print("no results; see bench.log")
         continue
     print("| variant | batch | img/s | vs | its img/s | ratio | MFU | MFU ratio | warm-up s | goal | met |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|")
@@ -115,5 +128,20 @@ for part, name in (("bench_b", "bench_gpu_b"), ("bench_l", "bench_gpu_l")):
         print(f"| {r['name']} | {r['batch']} | {num(r['ours'], ',.0f')} | {r['baseline_variant'] or '-'} "
               f"| {num(r['baseline'], ',.0f')} | {num(r['ratio'], '.3f')} | {num(r['mfu'], '.1%')} "
               f"| {num(r['mfu_ratio'], '.3f')} | {num(r['warmup_s'], '.0f')} | {r['goal']} | {r['met']} |")
+
+path = os.path.join(out, "bench_memory.json")
+if "memory" in rcs:
+    print(f"\nbench memory, ZeRO 0, one rank (exit {rcs['memory']}; 124: cut at its time limit, the rows below "
+          "finished):\n")
+    if not os.path.exists(path):
+        print("no results; see bench.log")
+    else:
+        print("| arch | task | checkpointing | largest batch | fails at | peak GiB | img/s "
+              "| probes (+ fit, - OOM, ! error) | stopped |\n|---|---|---|---|---|---|---|---|---|")
+        for r in json.load(open(path)):
+            seen = " ".join(f"{p['batch']}{ {True: '+', False: '-'}.get(p['fits'], '!') }" for p in r["probes"])
+            print(f"| {r['arch']} | {r['kind']} | {'on' if r['grad_checkpointing'] else 'off'} | {r['ours']} "
+                  f"| {r['fails_at'] or '-'} | {num(r['peak_bytes'] and r['peak_bytes'] / 2**30, '.1f')} "
+                  f"| {num(r['img_s'], ',.0f')} | {seen} | {r['stopped'] or '-'} |")
 PY
 for p in "${!rc[@]}"; do [ "${rc[$p]}" -eq 0 ] || exit 1; done

@@ -1,5 +1,6 @@
 """Interleaved timing: ours and the baseline alternate in the same process, so drift, thermal state and
-other load hit both alike; medians over rounds resist the odd slow round."""
+other load hit both alike; medians over rounds resist the odd slow round. Also the device and peak-memory
+measures the benchmarks share."""
 from __future__ import annotations
 
 import statistics
@@ -47,3 +48,32 @@ def device_sync(device) -> Callable[[], None]:
     import torch
 
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def reset_peak(device) -> int:
+    """Start a peak-memory measurement -> the resident set now (the CPU's baseline for `peak_bytes`)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return rss_bytes()
+
+
+def rss_bytes() -> int:
+    """This process's resident set now."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_bytes(device, rss0: int) -> int:
+    """Peak memory since `reset_peak`: CUDA's max_memory_allocated on a GPU; on the CPU the growth of the
+    resident set's high-water mark over `rss0` (its value then)."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0

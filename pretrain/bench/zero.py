@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,32 +30,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--zero-variants", default=",".join(VARIANTS))
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_bytes(device, rss0: int) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-
-
 def worker(args) -> None:
     """One rank of one variant (run under torchrun)."""
     import torch.distributed as dist
 
     from pretrain import dist as pdist
     from pretrain.bench.step import bench_config, build_baseline, build_ours, synthetic_batch
+    from pretrain.bench.timing import peak_bytes, reset_peak
 
     env = pdist.setup()
     device = pdist.rank_device(env.local_rank)
     images, labels = synthetic_batch(args.batch, args.img_size, 10, seed=env.rank)
     stage = 0 if args.variant == "ddp" else int(args.variant[-1])
     cfg = bench_config(args.arch, args.img_size, args.batch, stage, "supervised", args.out_dir)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rss0 = _rss_bytes()
+    rss0 = reset_peak(device)
     if args.variant == "ddp":
         step = build_baseline(cfg, images, labels, 10, device, ddp=True)
     else:
@@ -74,7 +61,7 @@ def worker(args) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = torch.tensor([_peak_bytes(device, rss0)], dtype=torch.float64)
+    peak = torch.tensor([peak_bytes(device, rss0)], dtype=torch.float64)
     t = torch.tensor([sorted(times)[len(times) // 2]], dtype=torch.float64)
     peaks = [torch.zeros_like(peak) for _ in range(env.world_size)]
     dist.all_gather(peaks, peak)
