@@ -3,8 +3,10 @@
 # run in order of value, each under what is left of the budget, each writing its JSON and log to $OUT as it goes:
 #   bench_b  `bench gpu` ViT-B/16 batch 256: ours compiled vs the compiled timm loop, MAE-B compiled, then eager
 #   bench_l  `bench gpu` ViT-L/16 from batch L_BATCH (halved until it fits): compiled, then eager
+#   feed     `bench feed`: ViT-B/16 (DeiT augmentations) and MAE-B fed from JPEG shards written there, full-size and
+#            pre-resized, data.decode cpu and gpu, against the same Trainer on synthetic batches (FEED_ARGS, F_S)
 #   tests    `pytest -m gpu` (tests/test_gpu.py) with the time left
-#   scripts/gpu_check.sh                       # all three within BUDGET_S (default 540 s)
+#   scripts/gpu_check.sh                       # all four within BUDGET_S (default 540 s)
 #   DRY_RUN=1 PYTHON=.venv/bin/python scripts/gpu_check.sh   # the same parts on the CPU (bench gpu --gpu-dry-run)
 #   PARTS="bench_b tests" ATTENTION=flash,cudnn scripts/gpu_check.sh   # some parts; attention backends of ours
 #   PYTEST_ARGS="-k bf16" PARTS=tests scripts/gpu_check.sh   # a subset of the gpu tests
@@ -18,7 +20,7 @@ set -uo pipefail
 OUT=${OUT:-./gpu_check_out}
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
-PARTS=${PARTS:-bench_b bench_l tests}
+PARTS=${PARTS:-bench_b bench_l feed tests}
 BUDGET_S=${BUDGET_S:-540}
 DRY_RUN=${DRY_RUN:-0}
 B_VARIANTS=${B_VARIANTS:-timm_compiled,ours_compiled,mae_compiled,timm,ours,mae}
@@ -65,6 +67,16 @@ bench() {  # bench PART JSON_NAME CAP_S ARGS...: one `bench gpu` invocation
 bench bench_b bench_gpu_b "${B_S:-270}" --gpu-archs vit_base_patch16_224 --gpu-batch 256 --gpu-variants "$B_VARIANTS"
 bench bench_l bench_gpu_l "${L_S:-150}" --gpu-archs vit_large_patch16_224 --gpu-batch "$L_BATCH" \
   --gpu-variants "$L_VARIANTS" --gpu-steps 5 --gpu-rounds 3
+if [[ " $PARTS " == *" feed "* ]]; then  # one `bench feed`; its dry run: a micro model on tiny shards, on the CPU
+  limit=$(cap "${F_S:-150}") fdry=()
+  [ "$DRY_RUN" = 1 ] && fdry=(--feed-dry-run)
+  echo "== bench feed (${limit} s) -> $OUT/bench_feed.log"
+  # shellcheck disable=SC2086  # FEED_ARGS is a list of flags
+  limited "$limit" "$PY" -m pretrain bench feed "${fdry[@]}" ${FEED_ARGS:-} --json "$OUT/bench_feed.json" \
+    > "$OUT/bench_feed.log" 2>&1
+  rc[feed]=$?
+  tail -n 8 "$OUT/bench_feed.log"
+fi
 if [[ " $PARTS " == *" tests "* ]]; then
   "$PY" -c "import pytest" 2>/dev/null || echo "gpu_check: pytest is missing here; run scripts/gpu_wheels.sh on a machine with the registries"
   echo "== pytest -m gpu ($(left) s) -> $OUT/gpu_tests.log"
@@ -115,5 +127,18 @@ for part, name in (("bench_b", "bench_gpu_b"), ("bench_l", "bench_gpu_l")):
         print(f"| {r['name']} | {r['batch']} | {num(r['ours'], ',.0f')} | {r['baseline_variant'] or '-'} "
               f"| {num(r['baseline'], ',.0f')} | {num(r['ratio'], '.3f')} | {num(r['mfu'], '.1%')} "
               f"| {num(r['mfu_ratio'], '.3f')} | {num(r['warmup_s'], '.0f')} | {r['goal']} | {r['met']} |")
+
+if "feed" in rcs:
+    path = os.path.join(out, "bench_feed.json")
+    print(f"\nbench feed (exit {rcs['feed']}; 124: cut at its time limit, the rows below finished):\n")
+    if not os.path.exists(path):
+        print("no results; see bench_feed.log")
+    else:
+        print("| row | image | batch | workers | fed img/s | synthetic img/s | ratio | data wait ms/step | cores "
+              "| synthetic cores | drained | goal | met |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in json.load(open(path)):
+            print(f"| {r['name']} | {r['image']} | {r['batch']} | {r['workers']} | {num(r['ours'], ',.0f')} "
+                  f"| {num(r['baseline'], ',.0f')} | {num(r['ratio'], '.3f')} | {num(r['data_wait_s_per_step'] * 1e3, '.1f')} "
+                  f"| {num(r['cores'], '.1f')} | {num(r['baseline_cores'], '.1f')} | {r['drained']} | {r['goal']} | {r['met']} |")
 PY
 for p in "${!rc[@]}"; do [ "${rc[$p]}" -eq 0 ] || exit 1; done

@@ -13,7 +13,8 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = ["loader", "step", "mae", "options", "zero", "gpu"]
+BENCHMARKS = ["loader", "step", "mae", "options", "zero", "gpu", "feed"]
+NOT_DEFAULT = ("gpu", "feed")  # a GPU's benchmarks, named to run (each has a CPU dry run)
 EXTRAS = {"s3fs": "s3", "pyarrow": "parquet", "gcsfs": "gcs", "aiohttp": "http", "transformers": "hf",
           "skimage": "dev", "moto": "dev", "pytest": "dev"}
 """Optional modules -> the extra (pyproject.toml) that installs them."""
@@ -47,7 +48,8 @@ def _needs(name: str, e: ModuleNotFoundError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all CPU ones of {BENCHMARKS})")
+    parser.add_argument("names", nargs="*",
+                        help=f"benchmarks to run (default: all but {', '.join(NOT_DEFAULT)} of {BENCHMARKS})")
     parser.add_argument("--json", default="bench.json", help="where to write all results")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     for name in _available():
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     available = _available()
     names = args.names
     if not names:
-        names = [n for n in available if n != "gpu"]
+        names = [n for n in available if n not in NOT_DEFAULT]
         for name, e in _MISSING.items():
             print(f"bench {name} skipped: {_needs(name, e)}", file=sys.stderr)
     unknown = [n for n in names if n not in BENCHMARKS]
