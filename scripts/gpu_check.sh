@@ -3,17 +3,21 @@
 # run in order of value, each under what is left of the budget, each writing its JSON and log to $OUT as it goes:
 #   bench_b  `bench gpu` ViT-B/16 batch 256: ours compiled vs the compiled timm loop, MAE-B compiled, then eager
 #   bench_l  `bench gpu` ViT-L/16 from batch L_BATCH (halved until it fits): compiled, then eager
+#   feed     `bench feed`: ViT-B/16 (DeiT augmentations) and MAE-B fed from JPEG shards written there, full-size and
+#            pre-resized, data.decode cpu and gpu, against the same Trainer on synthetic batches (FEED_ARGS; at
+#            most F_S=120 s: with bench_b's and bench_l's caps it fills BUDGET_S, so the tests get what the
+#            benches leave; plan a second call PARTS=tests)
 #   tests    `pytest -m gpu` (tests/test_gpu.py) with the time left
 #   memory   `bench memory` (the largest micro-batch per arch, task and checkpointing; docs/benchmarks.md "Memory
-#            table"), at most MEMORY_S, only when PARTS names it: its caps after bench_b and bench_l (270 + 150 +
-#            150 s) overrun BUDGET_S, so it runs after the tests with what they leave, or alone (PARTS=memory)
-#   scripts/gpu_check.sh                       # bench_b, bench_l, tests within BUDGET_S (default 540 s)
+#            table"), at most MEMORY_S, only when PARTS names it: its cap after bench_b, bench_l and feed (270 + 150 +
+#            120 s) overruns BUDGET_S, so it runs after the tests with what they leave, or alone (PARTS=memory)
+#   scripts/gpu_check.sh                       # bench_b, bench_l, feed, tests within BUDGET_S (default 540 s)
 #   PARTS=memory scripts/gpu_check.sh          # the memory table alone (MEMORY_S=500 for more of its rows)
 #   DRY_RUN=1 PYTHON=.venv/bin/python scripts/gpu_check.sh   # the same parts on the CPU (--gpu-dry-run, --memory-dry-run)
 #   PARTS="bench_b tests" ATTENTION=flash,cudnn scripts/gpu_check.sh   # some parts; attention backends of ours
 #   PYTEST_ARGS="-k bf16" PARTS=tests scripts/gpu_check.sh   # a subset of the gpu tests
 # Settings: B_VARIANTS, L_VARIANTS (bench gpu --gpu-variants), L_BATCH, ATTENTION (--gpu-attention; needs the
-# model.attention_backend config key), BENCH_ARGS (more bench gpu flags), B_S / L_S / MEMORY_S (each bench part's
+# model.attention_backend config key), BENCH_ARGS (more bench gpu flags), B_S / L_S / F_S / MEMORY_S (each bench part's
 # cap in s), MEMORY_ARGS (more bench memory flags, e.g. "--memory-archs vit_large_patch16_224 --memory-ckpt off").
 # JSON, one log for the bench parts (bench.log), the tests' log and report and summary.md go to $OUT if set, else
 # ./gpu_check_out (8 files at most, all parts run). On an offline machine the
@@ -24,7 +28,7 @@ set -uo pipefail
 OUT=${OUT:-./gpu_check_out}
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
-PARTS=${PARTS:-bench_b bench_l tests}
+PARTS=${PARTS:-bench_b bench_l feed tests}
 BUDGET_S=${BUDGET_S:-540}
 DRY_RUN=${DRY_RUN:-0}
 B_VARIANTS=${B_VARIANTS:-timm_compiled,ours_compiled,mae_compiled,timm,ours,mae}
@@ -74,6 +78,8 @@ bench bench_b gpu bench_gpu_b "$(cap "${B_S:-270}")" --gpu-archs vit_base_patch1
 # shellcheck disable=SC2086
 bench bench_l gpu bench_gpu_l "$(cap "${L_S:-150}")" --gpu-archs vit_large_patch16_224 --gpu-batch "$L_BATCH" \
   --gpu-variants "$L_VARIANTS" --gpu-steps 5 --gpu-rounds 3 ${ATTENTION:+--gpu-attention "$ATTENTION"} ${BENCH_ARGS:-}
+# shellcheck disable=SC2086  # FEED_ARGS is a list of flags
+bench feed feed bench_feed "$(cap "${F_S:-120}")" ${FEED_ARGS:-}
 if [[ " $PARTS " == *" tests "* ]]; then
   "$PY" -c "import pytest" 2>/dev/null || echo "gpu_check: pytest is missing here; run scripts/gpu_wheels.sh on a machine with the registries"
   echo "== pytest -m gpu ($(left) s) -> $OUT/gpu_tests.log"
@@ -143,5 +149,18 @@ if "memory" in rcs:
             print(f"| {r['arch']} | {r['kind']} | {'on' if r['grad_checkpointing'] else 'off'} | {r['ours']} "
                   f"| {r['fails_at'] or '-'} | {num(r['peak_bytes'] and r['peak_bytes'] / 2**30, '.1f')} "
                   f"| {num(r['img_s'], ',.0f')} | {seen} | {r['stopped'] or '-'} |")
+
+if "feed" in rcs:
+    path = os.path.join(out, "bench_feed.json")
+    print(f"\nbench feed (exit {rcs['feed']}; 124: cut at its time limit, the rows below finished):\n")
+    if not os.path.exists(path):
+        print("no results; see bench.log")
+    else:
+        print("| row | image | batch | workers | fed img/s | synthetic img/s | ratio | data wait ms/step | cores "
+              "| synthetic cores | drained | goal | met |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in json.load(open(path)):
+            print(f"| {r['name']} | {r['image']} | {r['batch']} | {r['workers']} | {num(r['ours'], ',.0f')} "
+                  f"| {num(r['baseline'], ',.0f')} | {num(r['ratio'], '.3f')} | {num(r['data_wait_s_per_step'] * 1e3, '.1f')} "
+                  f"| {num(r['cores'], '.1f')} | {num(r['baseline_cores'], '.1f')} | {r['drained']} | {r['goal']} | {r['met']} |")
 PY
 for p in "${!rc[@]}"; do [ "${rc[$p]}" -eq 0 ] || exit 1; done

@@ -13,8 +13,8 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = ["loader", "step", "mae", "options", "zero", "gpu", "memory"]
-GPU_ONLY = ("gpu", "memory")
+BENCHMARKS = ["loader", "step", "mae", "options", "zero", "gpu", "feed", "memory"]
+GPU_ONLY = ("gpu", "feed", "memory")
 """Not in a plain `vit-pretrain bench`: each refuses without CUDA unless asked for its dry run."""
 EXTRAS = {"s3fs": "s3", "pyarrow": "parquet", "gcsfs": "gcs", "aiohttp": "http", "transformers": "hf",
           "skimage": "dev", "moto": "dev", "pytest": "dev"}

@@ -192,20 +192,30 @@ def run(args: argparse.Namespace):
             for group in groups(names):
                 if any(compiled(v) for v in group):
                     torch._dynamo.reset()  # the graphs of earlier groups neither serve nor crowd this one's
-                while True:
-                    try:
-                        measured = measure(group, arch, batch, num_classes, more, steps, rounds, device, tmp)
-                        break
-                    except torch.OutOfMemoryError:
-                        if batch == 1:
-                            raise
-                        print(f"bench gpu: {arch} {','.join(group)} ran out of memory at batch {batch}; "
-                              f"retrying at {batch // 2}", file=sys.stderr, flush=True)
-                        batch //= 2
-                        gc.collect()
-                        torch.cuda.empty_cache()
+                measured, batch = halving(
+                    lambda b: measure(group, arch, b, num_classes, more, steps, rounds, device, tmp), batch,
+                    f"gpu: {arch} {','.join(group)}")
                 yield from rows_of(measured, arch, batch, peak, setup)
                 del measured
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                free_memory()
+
+
+def halving(measure_at, batch: int, what: str):
+    """measure_at(batch), the batch halved after each out-of-memory error until it fits -> (its result, batch)."""
+    while True:
+        try:
+            return measure_at(batch), batch
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+        print(f"bench {what} ran out of memory at batch {batch}; retrying at {batch // 2}", file=sys.stderr,
+              flush=True)
+        batch //= 2
+        free_memory()  # out of the except block: the error's frames (and the tensors they hold) are gone
+
+
+def free_memory() -> None:
+    """Give back what the last measurement held: its objects, then the CUDA cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -285,6 +285,7 @@ class Trainer:
                                  rank=self.rank, world=self.world, indexes=self.indexes)
         self._log_derived()
         self._window, self._lr, self.final, self.fixed_images = Window(), 0.0, {}, None
+        self.data_wait_s = 0.0  # seconds waited for batches since start, never reset (what `bench feed` reads)
 
     def _log_derived(self) -> None:
         """Derived values, computed once: stderr, TensorBoard text and `derived.json` (never the config)."""
@@ -328,6 +329,13 @@ class Trainer:
         return {**self.final, "run_dir": self.run_dir, "step": self.step, "epoch": self.epoch,
                 "samples_seen": self.samples_seen, "skipped_steps": self.guard.pending(),
                 "stopped_early": stopped_early}
+
+    def close(self) -> None:
+        """End the data workers and the logs of a run driven by `train_steps` (no checkpoint, no evaluation)."""
+        self.vote.close()
+        self._batch_iter.close()
+        self.stream.close()
+        self.log.close()
 
     def train_steps(self, n: int) -> None:
         """Run the loop's body n times (what `vit-pretrain bench` times against a bare PyTorch loop)."""
@@ -394,7 +402,9 @@ class Trainer:
         self._warmup.micro(index)
         t0 = time.perf_counter()
         self.epoch, (images, labels, weight, real, mine) = next(self._batch_iter)
-        self._window.data_wait += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self._window.data_wait += waited
+        self.data_wait_s += waited
         # every draw of this micro-step (Mixup/CutMix, drop path, ...) from a place-keyed state
         rng.seed_all(self.cfg.run.seed, rng.STEP, index, self.rank)
         x, y = self._prepare(images, labels)
