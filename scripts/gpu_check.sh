@@ -135,6 +135,19 @@ for part, name in (("bench_b", "bench_gpu_b"), ("bench_l", "bench_gpu_l")):
               f"| {num(r['baseline'], ',.0f')} | {num(r['ratio'], '.3f')} | {num(r['mfu'], '.1%')} "
               f"| {num(r['mfu_ratio'], '.3f')} | {num(r['warmup_s'], '.0f')} | {r['goal']} | {r['met']} |")
 
+if "feed" in rcs:
+    path = os.path.join(out, "bench_feed.json")
+    print(f"\nbench feed (exit {rcs['feed']}; 124: cut at its time limit, the rows below finished):\n")
+    if not os.path.exists(path):
+        print("no results; see bench.log")
+    else:
+        print("| row | image | batch | workers | fed img/s | synthetic img/s | ratio | data wait ms/step | cores "
+              "| synthetic cores | drained | goal | met |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in json.load(open(path)):
+            print(f"| {r['name']} | {r['image']} | {r['batch']} | {r['workers']} | {num(r['ours'], ',.0f')} "
+                  f"| {num(r['baseline'], ',.0f')} | {num(r['ratio'], '.3f')} | {num(r['data_wait_s_per_step'] * 1e3, '.1f')} "
+                  f"| {num(r['cores'], '.1f')} | {num(r['baseline_cores'], '.1f')} | {r['drained']} | {r['goal']} | {r['met']} |")
+
 path = os.path.join(out, "bench_memory.json")
 if "memory" in rcs:
     print(f"\nbench memory, ZeRO 0, one rank (exit {rcs['memory']}; 124: cut at its time limit, the rows below "
@@ -149,18 +162,5 @@ if "memory" in rcs:
             print(f"| {r['arch']} | {r['kind']} | {'on' if r['grad_checkpointing'] else 'off'} | {r['ours']} "
                   f"| {r['fails_at'] or '-'} | {num(r['peak_bytes'] and r['peak_bytes'] / 2**30, '.1f')} "
                   f"| {num(r['img_s'], ',.0f')} | {seen} | {r['stopped'] or '-'} |")
-
-if "feed" in rcs:
-    path = os.path.join(out, "bench_feed.json")
-    print(f"\nbench feed (exit {rcs['feed']}; 124: cut at its time limit, the rows below finished):\n")
-    if not os.path.exists(path):
-        print("no results; see bench.log")
-    else:
-        print("| row | image | batch | workers | fed img/s | synthetic img/s | ratio | data wait ms/step | cores "
-              "| synthetic cores | drained | goal | met |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in json.load(open(path)):
-            print(f"| {r['name']} | {r['image']} | {r['batch']} | {r['workers']} | {num(r['ours'], ',.0f')} "
-                  f"| {num(r['baseline'], ',.0f')} | {num(r['ratio'], '.3f')} | {num(r['data_wait_s_per_step'] * 1e3, '.1f')} "
-                  f"| {num(r['cores'], '.1f')} | {num(r['baseline_cores'], '.1f')} | {r['drained']} | {r['goal']} | {r['met']} |")
 PY
 for p in "${!rc[@]}"; do [ "${rc[$p]}" -eq 0 ] || exit 1; done
