@@ -1,6 +1,6 @@
 """`bench step`: our full training step (DeepSpeed engine, schedule, metrics window, logging cadence,
 data handoff and device normalisation) against a bare PyTorch loop of the same timm model, batch,
-optimizer and precision, both fed the same synthetic uint8 batch from memory. Goal: ours <= 1.05x.
+optimizer and precision, both fed the same synthetic uint8 batch from memory. Goal: ours <= 1.03x.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from pretrain.bench.timing import bench_device, device_sync, interleaved, median
 
-GOAL = 1.05
+GOAL = 1.03
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
