@@ -120,47 +120,38 @@ def num(x, fmt):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-for part, name in (("bench_b", "bench_gpu_b"), ("bench_l", "bench_gpu_l")):
+def table(part, title, name, columns, cells):
+    """A bench part's rows as a table (`cells(r)`: the row of result r), or where to look when it wrote none."""
     if part not in rcs:
-        continue
+        return
+    print(f"\n{title} (exit {rcs[part]}; 124: cut at its time limit, the rows below finished):\n")
     path = os.path.join(out, f"{name}.json")
-    print(f"\nbench gpu, {part} (exit {rcs[part]}; 124: cut at its time limit, the rows below finished):\n")
     if not os.path.exists(path):
         print("no results; see bench.log")
-        continue
-    print("| variant | batch | img/s | vs | its img/s | ratio | MFU | MFU ratio | warm-up s | goal | met |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+        return
+    print(f"| {' | '.join(columns)} |\n{'|---' * len(columns)}|")
     for r in json.load(open(path)):
-        print(f"| {r['name']} | {r['batch']} | {num(r['ours'], ',.0f')} | {r['baseline_variant'] or '-'} "
-              f"| {num(r['baseline'], ',.0f')} | {num(r['ratio'], '.3f')} | {num(r['mfu'], '.1%')} "
-              f"| {num(r['mfu_ratio'], '.3f')} | {num(r['warmup_s'], '.0f')} | {r['goal']} | {r['met']} |")
+        print(f"| {' | '.join(map(str, cells(r)))} |")
 
-if "feed" in rcs:
-    path = os.path.join(out, "bench_feed.json")
-    print(f"\nbench feed (exit {rcs['feed']}; 124: cut at its time limit, the rows below finished):\n")
-    if not os.path.exists(path):
-        print("no results; see bench.log")
-    else:
-        print("| row | image | batch | workers | fed img/s | synthetic img/s | ratio | data wait ms/step | cores "
-              "| synthetic cores | drained | goal | met |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in json.load(open(path)):
-            print(f"| {r['name']} | {r['image']} | {r['batch']} | {r['workers']} | {num(r['ours'], ',.0f')} "
-                  f"| {num(r['baseline'], ',.0f')} | {num(r['ratio'], '.3f')} | {num(r['data_wait_s_per_step'] * 1e3, '.1f')} "
-                  f"| {num(r['cores'], '.1f')} | {num(r['baseline_cores'], '.1f')} | {r['drained']} | {r['goal']} | {r['met']} |")
 
-path = os.path.join(out, "bench_memory.json")
-if "memory" in rcs:
-    print(f"\nbench memory, ZeRO 0, one rank (exit {rcs['memory']}; 124: cut at its time limit, the rows below "
-          "finished):\n")
-    if not os.path.exists(path):
-        print("no results; see bench.log")
-    else:
-        print("| arch | task | checkpointing | largest batch | fails at | peak GiB | img/s "
-              "| probes (+ fit, - OOM, ! error) | stopped |\n|---|---|---|---|---|---|---|---|---|")
-        for r in json.load(open(path)):
-            seen = " ".join(f"{p['batch']}{ {True: '+', False: '-'}.get(p['fits'], '!') }" for p in r["probes"])
-            print(f"| {r['arch']} | {r['kind']} | {'on' if r['grad_checkpointing'] else 'off'} | {r['ours']} "
-                  f"| {r['fails_at'] or '-'} | {num(r['peak_bytes'] and r['peak_bytes'] / 2**30, '.1f')} "
-                  f"| {num(r['img_s'], ',.0f')} | {seen} | {r['stopped'] or '-'} |")
+for part, name in (("bench_b", "bench_gpu_b"), ("bench_l", "bench_gpu_l")):
+    table(part, f"bench gpu, {part}", name,
+          ("variant", "batch", "img/s", "vs", "its img/s", "ratio", "MFU", "MFU ratio", "warm-up s", "goal", "met"),
+          lambda r: (r["name"], r["batch"], num(r["ours"], ",.0f"), r["baseline_variant"] or "-",
+                     num(r["baseline"], ",.0f"), num(r["ratio"], ".3f"), num(r["mfu"], ".1%"),
+                     num(r["mfu_ratio"], ".3f"), num(r["warmup_s"], ".0f"), r["goal"], r["met"]))
+table("feed", "bench feed", "bench_feed",
+      ("row", "image", "batch", "workers", "fed img/s", "synthetic img/s", "ratio", "data wait ms/step", "cores",
+       "synthetic cores", "drained", "goal", "met"),
+      lambda r: (r["name"], r["image"], r["batch"], r["workers"], num(r["ours"], ",.0f"), num(r["baseline"], ",.0f"),
+                 num(r["ratio"], ".3f"), num(r["data_wait_s_per_step"] * 1e3, ".1f"), num(r["cores"], ".1f"),
+                 num(r["baseline_cores"], ".1f"), r["drained"], r["goal"], r["met"]))
+table("memory", "bench memory, ZeRO 0, one rank", "bench_memory",
+      ("arch", "task", "checkpointing", "largest batch", "fails at", "peak GiB", "img/s",
+       "probes (+ fit, - OOM, ! error)", "stopped"),
+      lambda r: (r["arch"], r["kind"], "on" if r["grad_checkpointing"] else "off", r["ours"], r["fails_at"] or "-",
+                 num(r["peak_bytes"] and r["peak_bytes"] / 2**30, ".1f"), num(r["img_s"], ",.0f"),
+                 " ".join(f"{p['batch']}{ {True: '+', False: '-'}.get(p['fits'], '!') }" for p in r["probes"]),
+                 r["stopped"] or "-"))
 PY
 for p in "${!rc[@]}"; do [ "${rc[$p]}" -eq 0 ] || exit 1; done
