@@ -316,9 +316,7 @@ class Trainer:
         self.engine.train()
         while self.step < self.total_steps and not stopped_early:
             stopped_early = self._iteration()
-        self.vote.close()
-        self._batch_iter.close()  # an epoch left mid-way shuts its loader's workers down now, not at collection
-        self.stream.close()
+        self._end_data()
         if not stopped_early:
             if self.last_good_tag != ckpt.tag_of(self.step):
                 self._save()
@@ -332,10 +330,14 @@ class Trainer:
 
     def close(self) -> None:
         """End the data workers and the logs of a run driven by `train_steps` (no checkpoint, no evaluation)."""
-        self.vote.close()
-        self._batch_iter.close()
-        self.stream.close()
+        self._end_data()
         self.log.close()
+
+    def _end_data(self) -> None:
+        """The vote in flight waited for, the data workers ended: after a run's last step."""
+        self.vote.close()
+        self._batch_iter.close()  # an epoch left mid-way shuts its loader's workers down now, not at collection
+        self.stream.close()
 
     def train_steps(self, n: int) -> None:
         """Run the loop's body n times (what `vit-pretrain bench` times against a bare PyTorch loop)."""
