@@ -34,7 +34,7 @@ import numpy as np
 
 from pretrain.bench.gpu import DRY_RUN as GPU_DRY_RUN, free_memory, halving
 from pretrain.bench.step import BENCH, build_ours, synthetic_batch
-from pretrain.bench.timing import bench_device, device_sync
+from pretrain.bench.timing import bench_device, comma_list, device_name, device_sync
 from pretrain.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
@@ -282,7 +282,7 @@ def row_of(recipe: str, shards: str, fed: dict, synth: dict, info: dict, setup: 
 
 
 def choices(value: str, allowed, flag: str) -> list[str]:
-    got = [v.strip() for v in value.split(",") if v.strip()]
+    got = comma_list(value)
     for v in got:
         if v not in allowed:
             raise UserError(f"{flag}: unknown value {v!r}; choose from {','.join(allowed)}")
@@ -341,7 +341,7 @@ def run(args: argparse.Namespace):
     plan, sync = plan_of(args), device_sync(device)
     shards = feed_shards(args.feed_dir if not args.feed_dry_run else f"{args.feed_dir}/dry", plan["images"],
                          plan["size"], plan["max_side"], usable_cores())
-    setup = {"device": _device_name(device), "cores_usable": usable_cores(), "steps": plan["steps"],
+    setup = {"device": device_name(device), "cores_usable": usable_cores(), "steps": plan["steps"],
              "compile": args.feed_compile}
     extra = [*plan["extra"], f"model.num_classes={CLASSES}", *(["model.compile=true"] if args.feed_compile else [])]
     with tempfile.TemporaryDirectory() as tmp:
@@ -368,8 +368,3 @@ def variants(recipe: str, kinds: list[str], decodes: list[str], workers: list[in
                 continue
             yield from ((kind, decode, w) for w in workers)
 
-
-def _device_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

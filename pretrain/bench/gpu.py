@@ -27,7 +27,7 @@ import time
 import torch
 
 from pretrain.bench.step import bench_config, build_baseline, build_ours, synthetic_batch
-from pretrain.bench.timing import bench_device, device_sync, interleaved, median
+from pretrain.bench.timing import bench_device, comma_list, device_name, device_sync, interleaved, median
 from pretrain.errors import UserError
 
 VARIANTS = ("timm", "timm_compiled", "ours", "ours_compiled", "mae", "mae_compiled")
@@ -59,8 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def variants(args) -> list[str]:
     """The chosen variants, each attention backend added after the supervised variants of ours."""
-    chosen = [v.strip() for v in args.gpu_variants.split(",") if v.strip()]
-    backends = [b.strip() for b in args.gpu_attention.split(",") if b.strip()]
+    chosen, backends = comma_list(args.gpu_variants), comma_list(args.gpu_attention)
     for v in chosen:
         if v not in VARIANTS:
             raise UserError(f"--gpu-variants: unknown variant {v!r}; choose from {','.join(VARIANTS)}")
@@ -175,7 +174,7 @@ def run(args: argparse.Namespace):
         raise UserError("bench gpu needs a CUDA device; --gpu-dry-run runs it with a tiny model on the CPU, and "
                         "`vit-pretrain bench` runs the CPU benchmarks")
     names = variants(args)
-    archs = [a.strip() for a in args.gpu_archs.split(",") if a.strip()]
+    archs = comma_list(args.gpu_archs)
     batches = [int(b) for b in args.gpu_batch.split(",")]
     if len(batches) not in (1, len(archs)):
         raise UserError(f"--gpu-batch: give one batch or one per arch ({len(archs)}), got {args.gpu_batch!r}")
@@ -185,7 +184,7 @@ def run(args: argparse.Namespace):
         archs, batches = [DRY_RUN["arch"]], [DRY_RUN["batch"]]
         steps, rounds, num_classes, more = DRY_RUN["steps"], DRY_RUN["rounds"], DRY_RUN["num_classes"], DRY_RUN["more"]
     peak = peak_flops(device)
-    setup = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+    setup = {"device": device_name(device),
              "peak_tflops": peak / 1e12 if peak else None, "precision": "bf16 (autocast)", "steps": steps}
     with tempfile.TemporaryDirectory() as tmp:
         for arch, batch in zip(archs, batches):

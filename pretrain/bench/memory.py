@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from pretrain.bench.timing import comma_list, device_name
 from pretrain.errors import UserError
 
 ARCHS = ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224")
@@ -194,8 +195,8 @@ def out_of_memory(e: BaseException) -> bool:
 def configs(args) -> list[tuple[str, str, bool]]:
     """(arch, kind, checkpointing) in the order measured: every arch and kind with the first checkpointing
     value before any with the second."""
-    archs = [DRY_RUN["arch"]] if args.memory_dry_run else _list(args.memory_archs)
-    kinds, ckpts = _list(args.memory_kinds), _list(args.memory_ckpt)
+    archs = [DRY_RUN["arch"]] if args.memory_dry_run else comma_list(args.memory_archs)
+    kinds, ckpts = comma_list(args.memory_kinds), comma_list(args.memory_ckpt)
     for k in kinds:
         if k not in ("supervised", "mae"):
             raise UserError(f"--memory-kinds: unknown kind {k!r}; choose from supervised, mae")
@@ -203,10 +204,6 @@ def configs(args) -> list[tuple[str, str, bool]]:
         if c not in ("off", "on"):
             raise UserError(f"--memory-ckpt: got {c!r}; give off, on or off,on")
     return [(a, k, c == "on") for c, a, k in itertools.product(ckpts, archs, kinds)]
-
-
-def _list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def guess_of(params: int) -> Callable[[Probe], int | None]:
@@ -250,8 +247,6 @@ def row_of(arch: str, kind: str, ckpt: bool, probes: list[Probe], counts: tuple[
 
 def run(args: argparse.Namespace):
     """Yields each configuration's row as soon as its search ends (the harness rewrites the JSON after each)."""
-    import torch
-
     from pretrain.bench.gpu import DRY_RUN as GPU_DRY
     from pretrain.bench.memory_model import count_params
     from pretrain.bench.timing import bench_device
@@ -265,8 +260,8 @@ def run(args: argparse.Namespace):
     start = args.memory_start or (DRY_RUN["start"] if dry else 64)
     max_batch = args.memory_max_batch or (DRY_RUN["max_batch"] if dry else 16384)
     num_classes, more = (DRY_RUN["num_classes"], GPU_DRY["more"]) if dry else (1000, [])
-    ranks = [int(n) for n in _list(DRY_RUN["ranks"] if dry else args.memory_ranks)]
-    setup = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else str(device), "zero_stage": 0,
+    ranks = [int(n) for n in comma_list(DRY_RUN["ranks"] if dry else args.memory_ranks)]
+    setup = {"device": device_name(device), "zero_stage": 0,
              "precision": "bf16 (autocast)", "steps": args.memory_steps, "dry_run": dry,
              "limit_bytes": limit_mib * 2**20 if limit_mib else None}
     deadline = time.monotonic() + args.memory_budget_s

@@ -1,6 +1,6 @@
 """Interleaved timing: ours and the baseline alternate in the same process, so drift, thermal state and
-other load hit both alike; medians over rounds resist the odd slow round. Also the device and peak-memory
-measures the benchmarks share."""
+other load hit both alike; medians over rounds resist the odd slow round. Also the device, its name, the
+peak-memory measures and the comma-list flags the benchmarks share."""
 from __future__ import annotations
 
 import statistics
@@ -30,6 +30,18 @@ def interleaved(contenders: dict[str, Callable[[], None]], rounds: int, warmup: 
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def comma_list(text: str) -> list[str]:
+    """A flag's comma-separated values, blanks dropped: "a, b," -> ["a", "b"]."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def device_name(device) -> str:
+    """What the results call the device: the GPU's full name (its MFU peak is matched on it), else "cpu"."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
 
 
 def bench_device():
