@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import pretrain._compat  # noqa: F401  torchvision.io (nvJPEG) is imported below, on CUDA only
-from pretrain.data.transforms import BadSample, Decoder, crop_bounds, decode_for_crop, image_bytes, image_size
+from pretrain.data.transforms import (BadSample, Decoder, crop_bounds, decode_for_crop, image_bytes, image_size,
+                                      is_jpeg)
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -114,17 +115,13 @@ def _decode_on_cpu(data: bytes) -> Optional[torch.Tensor]:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 
 
-def _is_jpeg(data: bytes) -> bool:
-    return data[:2] == b"\xff\xd8"
-
-
 def _decode_on_cuda(datas: list[bytes], device: torch.device) -> list[Optional[torch.Tensor]]:
     """(3, H, W) uint8 on `device` by nvJPEG for the JPEGs, batched; None for the rest and for any it fails on
     (a failed batch is retried one file at a time, so one bad file costs only its own place)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     out: list[Optional[torch.Tensor]] = [None] * len(datas)
-    jpegs = [i for i, d in enumerate(datas) if _is_jpeg(d)]
+    jpegs = [i for i, d in enumerate(datas) if is_jpeg(d)]
     files = [torch.from_numpy(np.frombuffer(datas[i], np.uint8).copy()) for i in jpegs]
     if not files:
         return out

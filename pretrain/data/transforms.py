@@ -49,12 +49,17 @@ def _scale_for(crop_w: float, crop_h: float, out: int) -> int:
     return next((f for f in (8, 4, 2) if min(crop_w, crop_h) / f >= out), 1)
 
 
+def is_jpeg(data: bytes) -> bool:
+    """Whether the file starts with JPEG's start-of-image marker."""
+    return data[:2] == b"\xff\xd8"
+
+
 def decode_for_crop(data: bytes, box_of, out: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """(RGB uint8 (h, w, 3) decoded at a reduced scale where allowed, crop box in those pixels).
 
     `box_of(w, h) -> (left, top, width, height)` chooses the crop in full-size pixels from the header.
     """
-    if _simplejpeg is not None and data[:2] == b"\xff\xd8":
+    if _simplejpeg is not None and is_jpeg(data):
         try:
             h, w, _, _ = _simplejpeg.decode_jpeg_header(data)
             left, top, cw, ch = box_of(w, h)
@@ -78,7 +83,7 @@ def decode_for_crop(data: bytes, box_of, out: int) -> tuple[np.ndarray, tuple[fl
 
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the header, read by the decoders `decode_for_crop` would try, in its order."""
-    if _simplejpeg is not None and data[:2] == b"\xff\xd8":
+    if _simplejpeg is not None and is_jpeg(data):
         try:
             h, w, _, _ = _simplejpeg.decode_jpeg_header(data)
             return w, h
