@@ -3,7 +3,8 @@
 `$VIT_PRETRAIN_FAULT=RANK:STEP:WHERE` makes rank RANK raise at optimizer step STEP, in the step (`step`),
 in evaluation (`eval`) or in the checkpoint write (`save`), or makes its loss NaN in that step (`nan`),
 or makes it wait after that step until a stop signal has arrived (`hold`, at most HOLD_S seconds: a test's
-signal then lands at a known step, however fast the steps are). STEP may be a range, `3-5`, or open, `3-`; several faults are joined with commas. Read once, at start.
+signal then lands at a known step, however fast the steps are). STEP may be a range, `3-5`, or open, `3-`;
+several faults are joined with commas. Read once, at start.
 """
 from __future__ import annotations
 
