@@ -81,9 +81,10 @@ def _prepare(job: tuple) -> tuple[Optional[str], Optional[bytes], str]:
 # ----------------------------------------------------------------------------- writing
 
 
-TAR_MTIME = 0.0
+TAR_MTIME = 0
 """Member time stamps in the tars: fixed, so the same source and options give the same bytes (a resumed
-write equals a clean one)."""
+write equals a clean one); an integer, so that `tarfile` writes a plain header only (a float such as 0.0
+takes a pax record for every member: three 512-byte blocks instead of one)."""
 PARTIAL = ".partial"
 """A shard is written as NAME.partial and renamed to NAME once closed: a NAME that exists is finished."""
 
