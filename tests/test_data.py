@@ -430,12 +430,13 @@ def test_workers_persist_across_epochs_and_serve_each_epoch(shards):
     epoch 2 is the epoch a fresh stream starting there gets (the shared epoch reaches the workers)."""
     import multiprocessing
 
+    before = {p.pid for p in multiprocessing.active_children()}  # left by earlier tests, if any
     stream = train_stream(shards)
     pids, epochs = [], []
     for epoch in range(3):
         it = stream.iter_epoch(epoch)
         epochs.append([next(it)[1].tolist()])
-        pids.append(sorted(p.pid for p in multiprocessing.active_children()))
+        pids.append(sorted(p.pid for p in multiprocessing.active_children() if p.pid not in before))
         epochs[-1] += [y.tolist() for _, y in it]
     assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
     assert epochs[0] != epochs[2]
