@@ -35,8 +35,8 @@ def _seed_torch(seed: int) -> None:
     """What `torch.manual_seed` does to the generators training draws from: the CPU's, and every CUDA device's
     where CUDA is there (queued until it starts, as torch does; not in a worker forked after it started).
     `torch.manual_seed` also seeds XPU, MTIA and MPS, and for each not started (always, on machines without
-    them) it formats a Python stack trace to queue the seed: ~0.5 ms a call on the CPU, paid at every
-    micro-step and every data batch. The CPU's and CUDA's states after it are the same."""
+    them) it formats a Python stack trace to queue the seed: 106 us a call against 15 us here (CPU), paid at
+    every micro-step and every data batch. The CPU's and CUDA's states after it are the same."""
     torch.default_generator.manual_seed(seed)
     if torch.cuda.is_available() and not torch.cuda._is_in_bad_fork():
         torch.cuda.manual_seed_all(seed)

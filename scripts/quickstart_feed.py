@@ -42,10 +42,11 @@ def measure(stage: str, root: str, shards: str, steps: int, rounds: int, workers
     from pretrain import quickstart as q
     from pretrain.bench.step import MemoryStream, synthetic_batch
     from pretrain.engine.trainer import Trainer
+    from pretrain.models import resolve_arch
 
     cfg = q._stage_config(stage, root, shards, 1000, workers, ["eval.every_steps=0"], name=f"feed_{stage}")
     env = pdist.setup()
-    images, labels = synthetic_batch(cfg.data.batch_size, cfg.model.img_size, 10)
+    images, labels = synthetic_batch(cfg.data.batch_size, resolve_arch(cfg.model)["img_size"], 10)
     trainers = {"fed": Trainer(cfg, env, threading.Event()),
                 "synthetic": Trainer(cfg, env, threading.Event(), stream=MemoryStream(images, labels, 10))}
     times: dict[str, list[float]] = {k: [] for k in trainers}

@@ -26,10 +26,10 @@ def _trace(path: str, ops: list[int], make) -> list:
     try:
         for k in ops:
             out.append(c.read() if k == 0 else c.skip(k))
-        out.append(("end", c.pos, c.broken, c._tar is None))
+        out.append(("end", c.pos, c.broken))
     finally:
         c.close()
-    return out[:-1] + [out[-1][:3]]
+    return out
 
 
 def _webdataset(n: int, mtime=0.0) -> bytes:

@@ -42,9 +42,6 @@ class _Member(NamedTuple):
     offset_data: int
     size: int
 
-    def isfile(self) -> bool:
-        return True
-
 
 def _blocks(size: int) -> int:
     """Bytes of `size` bytes of data padded to whole blocks."""
@@ -140,7 +137,7 @@ class ShardCursor:
             raw = self._file.read(_blocks(head[2]))
             pax = _pax(raw) if len(raw) == _blocks(head[2]) else None
             head = _header(self._file.read(_BLOCK)) if pax is not None else None
-            data_at += _blocks(len(raw)) + _BLOCK
+            data_at += len(raw) + _BLOCK  # the records' blocks, then the file's own header
         if head is None or head[0] not in _PLAIN or not head[1] or head[1].endswith("/"):
             self._file.seek(at)  # a directory, link, global header, long name, ...: tarfile's
             return None
