@@ -165,3 +165,36 @@ def test_unresolvable_master_fails_fast(tmp_path):
                          text=True, timeout=120)
     assert time.monotonic() - t0 < 60
     assert out.returncode != 0 and "'no-such-host.invalid' does not resolve" in out.stderr, out.stderr[-2000:]
+
+
+WATCHDOG_AT_EXIT = """
+import datetime, sys, time
+import torch.distributed as dist
+from pretrain.dist import DistEnv, watchdog
+
+port = int(sys.argv[1])
+server = dist.TCPStore("127.0.0.1", port, None, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+server.set("t/health/done/1", "1")  # the neighbour has finished: the thread only beats
+
+
+class Busy(watchdog.Watchdog):  # beats without pause: the thread is nearly always inside a store call
+    interval = property(lambda self: 0.0, lambda self, value: None)
+
+
+wd = Busy(DistEnv(0, 2, 0, 2, "127.0.0.1", port, "torchrun"), "t", 30.0, hosts_store=True)
+time.sleep(0.3)
+wd.stop()
+print("beats", server.add("t/health/beat/0", 0))
+"""
+
+
+def test_watchdog_stopped_before_exit_never_aborts_the_process(tmp_path):
+    # A daemon thread still inside a C++ store call when the interpreter exits aborts the process
+    # (`terminate called without an active exception`): a run that succeeded exited with SIGABRT.
+    script = tmp_path / "watchdog_at_exit.py"
+    script.write_text(WATCHDOG_AT_EXIT)
+    for _ in range(5):
+        out = subprocess.run([sys.executable, str(script), str(free_port())], env=base_env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "terminate called" not in out.stderr, (out.returncode, out.stderr[-2000:])
+        assert int(out.stdout.split()[-1]) > 10  # the thread did beat many times before it was stopped

@@ -119,8 +119,14 @@ class Watchdog:
         except Exception:  # noqa: BLE001  the store is gone: peers learn from their own watchdogs
             return msg
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """End the thread and wait for it (bounded). Never leave it running into interpreter shutdown:
+        a daemon thread inside a store call at exit is ended by CPython while C++ still runs under it,
+        which aborts the process (`terminate called without an active exception`, SIGABRT) after a
+        job that succeeded."""
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
 
 
 _watchdog: Watchdog | None = None
@@ -159,6 +165,8 @@ def abort(e: BaseException) -> bool:
         t.start()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _watchdog is not None:  # it may still end this process meanwhile: that exit is the one intended
+        _watchdog.stop()
     if not first:
         time.sleep(PEER_EXIT_DELAY_S)
     return first
